@@ -1,0 +1,55 @@
+# Two commands on a fresh clone (see README.md):
+#   make book   set up .venv, build the book into _build/html
+#   make test   set up .venv, build the book (fails on any cell error or warning), run pytest
+# torch is installed FIRST so that pip never resolves it to a multi-GB CUDA build;
+# override with e.g.  TORCH_SPEC="torch==2.5.1" make test   (or TORCH_SPEC=torch for the newest).
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS     ?= book,test
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.deqlite-setup-stamp
+# -W: warnings are errors, -n: nitpicky references, --keep-going: report them all.
+# Notebooks are executed with a cache (_build/.jupyter_cache): unchanged chapters are not re-run.
+BUILD_CMD  := $(BIN)/jupyter-book build --all -W -n --keep-going .
+PYTEST_ARGS ?=
+
+.PHONY: help setup book test test-fast build clean clean-cache sync-chapters
+
+help:
+	@echo "make book   - set up .venv and build the book (open _build/html/index.html)"
+	@echo "make test   - set up .venv, build the book and run every test"
+	@echo "make test-fast - unit tests only (no book, no browser)"
+	@echo "make sync-chapters - pair .md/.ipynb chapters and refresh their install cell"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+build: setup
+	$(BUILD_CMD)
+
+book: build
+	@echo
+	@echo "Book built. Open file://$(CURDIR)/_build/html/index.html"
+	@echo "(or serve it: $(BIN)/python -m http.server -d _build/html 8000)"
+
+test: build
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not book and not browser" $(PYTEST_ARGS)
+
+sync-chapters: setup
+	$(BIN)/python scripts/sync_chapters.py
+
+clean:
+	rm -rf _build test-artifacts
+
+clean-cache:
+	rm -rf _build/.jupyter_cache
