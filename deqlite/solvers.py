@@ -261,26 +261,19 @@ class Anderson(Solver):
             raise ValueError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
 
     def init(self, z0):
-        B, n = z0.shape
-        m = self.m
-        return {
-            "X": z0.new_zeros(B, m, n),  # past iterates z_i
-            "F": z0.new_zeros(B, m, n),  # their images f(z_i)
-            "k": 0,
-            "cond": [],
-        }
+        # plain lists, not an in-place ring buffer, so that autograd can run through
+        # the iterations (the ``unrolled`` backward strategy)
+        return {"X": [], "F": []}
 
     def step(self, f, z, fz, state):
-        X, F, k = state["X"], state["F"], state["k"]
-        m = self.m
-        slot = k % m
-        X[:, slot] = z
-        F[:, slot] = fz
-        n_hist = min(k + 1, m)
-        state["k"] = k + 1
+        keep = self.m - 1  # slots left for the history once z joins
+        X = (state["X"][-keep:] if keep else []) + [z]
+        F = (state["F"][-keep:] if keep else []) + [fz]
+        state = {"X": X, "F": F}
+        n_hist = len(X)
         if n_hist == 1:  # nothing to mix yet: a (damped) plain step
             return torch.lerp(z, fz, self.beta), state
-        Xh, Fh = X[:, :n_hist], F[:, :n_hist]  # (B, h, n)
+        Xh, Fh = torch.stack(X, 1), torch.stack(F, 1)  # (B, h, n)
         G = Fh - Xh  # residuals g(z_i), (B, h, n)
         # The (h x h) solve is tiny: do it in float64 so a float32 state cannot make it singular.
         H = torch.bmm(G, G.transpose(1, 2)).double()  # (B, h, h) Gram matrix
@@ -295,8 +288,12 @@ class Anderson(Solver):
         A[:, 1:, 1:] = H + lam[:, None, None] * torch.eye(n_hist, dtype=H.dtype, device=H.device)
         rhs = H.new_zeros(H.shape[0], n_hist + 1)
         rhs[:, 0] = 1.0
-        sol = torch.linalg.solve(A, rhs)
-        alpha = sol[:, 1:].to(z.dtype).unsqueeze(1)  # (B, 1, h)
+        sol, info = torch.linalg.solve_ex(A, rhs)
+        # a singular system (possible only with ridge=0): fall back to the newest pair
+        newest = torch.zeros_like(sol[:, 1:])
+        newest[:, -1] = 1.0
+        bad = (info != 0) | ~torch.isfinite(sol).all(-1)
+        alpha = torch.where(bad[:, None], newest, sol[:, 1:]).to(z.dtype).unsqueeze(1)  # (B, 1, h)
         mixed_f = torch.bmm(alpha, Fh).squeeze(1)
         if self.beta == 1.0:
             return mixed_f, state
@@ -482,6 +479,7 @@ def solve(
     return_iterates: bool = False,
     callback: Optional[Callable[[StepInfo], Any]] = None,
     on_failure: str = "warn",
+    grad: bool = False,
     **solver_options: Any,
 ) -> Tuple[Tensor, SolverTrace]:
     """Find ``z_star`` with ``f(z_star) = z_star`` for a batch of states.
@@ -496,13 +494,16 @@ def solve(
         callback: called after each step with a :class:`StepInfo` (e.g. to animate).
         on_failure: ``"warn"`` (default: warn when non-finite values appear),
             ``"raise"`` (raise :class:`ConvergenceError` unless converged) or ``"ignore"``.
+        grad: record the iterations for autograd (backprop through the solver, the
+            ``unrolled`` strategy). Off by default: DEQ gradients come from the fixed point.
         **solver_options: hyperparameters of the named solver, e.g. ``m=5, beta=1.0``.
 
     Returns:
         ``(z_star, trace)``: the best iterate per sample (lowest stopping residual seen,
         non-finite iterates never chosen) and its :class:`SolverTrace`.
 
-    Runs under ``torch.no_grad()``; gradients are the job of :class:`deqlite.DEQ`.
+    Runs under ``torch.no_grad()`` unless ``grad=True``; gradients are the job of
+    :class:`deqlite.DEQ`.
 
     Example:
         >>> z, tr = solve(torch.cos, torch.zeros(1, 1, dtype=torch.float64), tol=1e-10)
@@ -528,7 +529,7 @@ def solve(
         return f(zf.view(shape)).reshape(B, -1)
 
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         z = z0.detach().reshape(B, -1).clone()
         state = slv.init(z)
         tiny = torch.finfo(z.dtype).tiny

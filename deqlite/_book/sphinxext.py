@@ -1,0 +1,131 @@
+"""Sphinx extension for the deqlite book (listed in ``_config.yml`` under ``sphinx.extra_extensions``).
+
+It makes the build work with no network and no CDN in the HTML:
+
+- copies ``plotly.min.js`` from the installed ``plotly`` package into ``_static/deqlite/``
+  and adds it to every page that contains a plotly figure (figures are rendered by
+  :mod:`deqlite._book.plotly_mime`);
+- serves MathJax 3 and require.js from files vendored in this package
+  (``static/deqlite/vendor``, see VENDOR.md) instead of their CDNs;
+- adds the ``deqlite-api`` directive, which documents every public module of ``deqlite``
+  found on disk, so modules added later appear in the API page without editing it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+from typing import Any
+
+from docutils import nodes
+from docutils.statemachine import StringList
+from sphinx.application import Sphinx
+from sphinx.config import Config
+from sphinx.util.docutils import SphinxDirective
+from sphinx.util.nodes import nested_parse_with_titles
+
+STATIC = Path(__file__).parent / "static"
+PLOTLY_JS = "deqlite/plotly.min.js"
+MATHJAX_JS = "deqlite/vendor/mathjax/es5/tex-chtml.js"
+REQUIRE_JS = "deqlite/vendor/requirejs/require.js"
+# A page needs plotly.js when its body holds one of these (written by plotly.io.to_html).
+PLOTLY_MARKERS = ("plotly-graph-div", "Plotly.newPlot")
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith(("http://", "https://", "//"))
+
+
+def _plotly_static_dir(app: Sphinx) -> Path:
+    """A build-local static folder holding plotly.min.js copied from the plotly package."""
+    import plotly
+
+    src = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    if not src.is_file():
+        raise FileNotFoundError(
+            f"plotly.min.js not found at {src}; the installed plotly ({plotly.__version__}) "
+            "does not ship it. Reinstall plotly (pip install 'deqlite[book]')."
+        )
+    dest_root = Path(app.outdir).parent / ".deqlite_static"
+    dest = dest_root / PLOTLY_JS
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.exists() or dest.stat().st_size != src.stat().st_size:
+        shutil.copyfile(src, dest)
+    return dest_root
+
+
+def _config_inited(app: Sphinx, config: Config) -> None:
+    config.html_static_path = [*config.html_static_path, str(STATIC), str(_plotly_static_dir(app))]
+    if not config.mathjax_path or _is_remote(config.mathjax_path):
+        config.mathjax_path = MATHJAX_JS
+    # myst-nb loads these on pages with embedded widget state; keep them local. The
+    # widget manager (html-manager embed-amd.js) only exists on a CDN, so it is left out:
+    # live widgets are for kernels, the book shows static plotly figures instead.
+    if hasattr(config, "nb_ipywidgets_js"):
+        config.nb_ipywidgets_js = {REQUIRE_JS: {}}
+    config.html_css_files = [*config.html_css_files, "deqlite/deqlite.css"]
+
+
+def _page_context(app: Sphinx, pagename: str, templatename: str, context: dict, doctree: Any) -> None:
+    body = context.get("body") or ""
+    if any(marker in body for marker in PLOTLY_MARKERS):
+        # priority < 500: before require.js, so plotly.js sets window.Plotly instead of
+        # registering itself as an anonymous AMD module.
+        app.add_js_file(PLOTLY_JS, priority=200)
+
+
+def public_modules(package: str = "deqlite") -> list[str]:
+    """Dotted names of the public modules of ``package`` found on disk (no import)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    names: list[str] = []
+    for root in map(Path, spec.submodule_search_locations):
+        for path in sorted(root.rglob("*.py")):
+            rel = path.relative_to(root).with_suffix("")
+            parts = list(rel.parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+                if not parts:
+                    continue
+            if any(p.startswith("_") for p in parts):
+                continue
+            names.append(".".join([package, *parts]))
+    return sorted(set(names))
+
+
+class DeqliteApiDirective(SphinxDirective):
+    """``{deqlite-api}``: one section per public module of deqlite, via autodoc."""
+
+    has_content = False
+    option_spec = {}
+
+    def run(self) -> list[nodes.Node]:
+        lines: list[str] = []
+        for name in public_modules("deqlite"):
+            spec = importlib.util.find_spec(name)
+            if spec is not None and spec.origin:
+                self.env.note_dependency(spec.origin)
+            lines += [
+                f"``{name}``",
+                "-" * (len(name) + 4),
+                "",
+                f".. automodule:: {name}",
+                "   :members:",
+                "   :show-inheritance:",
+                "",
+            ]
+        if not lines:
+            return [nodes.paragraph(text="deqlite has no public modules yet.")]
+        node = nodes.section()
+        node.document = self.state.document
+        nested_parse_with_titles(self.state, StringList(lines, source="deqlite-api"), node)
+        return node.children
+
+
+def setup(app: Sphinx) -> dict[str, Any]:
+    app.connect("config-inited", _config_inited, priority=900)
+    app.connect("html-page-context", _page_context)
+    app.add_directive("deqlite-api", DeqliteApiDirective)
+    return {"version": "0.1", "parallel_read_safe": True, "parallel_write_safe": True}

@@ -1,0 +1,10 @@
+"""Small DEQ models used by the chapters.
+
+* :mod:`deqlite.models.inr`: DEQ-Fourier / DEQ-Siren implicit neural representations.
+* :mod:`deqlite.models.rnn`: the 20-unit RNN cell of DeltaDEQ's Fig. 1.
+"""
+from .inr import DEQFourier, DEQINR, DEQSiren, evaluate_delta, fit_inr, psnr
+
+
+__all__ = ["DEQFourier", "DEQINR", "DEQSiren", "evaluate_delta", "fit_inr", "psnr", "SineRNN",
+           "fit_sine_rnn"]

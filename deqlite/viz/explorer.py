@@ -1,0 +1,245 @@
+"""One figure, two front ends: a grid of slider values -> a static or a live explorer.
+
+``Explorer(compute, grid, render)``:
+
+- ``compute(**params)`` runs the experiment for one setting (e.g. returns a SolverTrace);
+- ``render(result)`` turns its result into a plotly figure (same traces for every setting);
+- ``grid`` maps each parameter name to the values the slider offers.
+
+``explorer.figure()`` computes every setting of the grid once and bakes them into one
+plotly figure (frames + slider): it works in the static HTML book with no kernel.
+``explorer.widget()`` is the live front end (ipywidgets + plotly FigureWidget): it calls
+``compute`` again whenever a slider moves. ``explorer.show()`` picks one of the two.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from .theme import register
+
+LIVE_ENV = "DEQLITE_LIVE"  # "1": show() returns the live widget; "0": always static
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def want_live() -> bool:
+    """Whether :meth:`Explorer.show` should return the live widget.
+
+    Live when the environment variable ``DEQLITE_LIVE=1`` is set or when running in
+    Colab; static otherwise (book build, nbval, papermill, plain scripts).
+    """
+    flag = os.environ.get(LIVE_ENV, "").strip().lower()
+    if flag in ("1", "true", "yes", "on"):
+        return True
+    if flag in ("0", "false", "no", "off"):
+        return False
+    return "google.colab" in sys.modules
+
+
+@dataclass
+class Explorer:
+    """A parameter explorer with a static (plotly frames) and a live (ipywidgets) front end.
+
+    Args:
+        compute: ``compute(**params) -> result`` for one setting of the parameters.
+        grid: ``{name: [values...]}``; the static figure holds every combination.
+        render: ``render(result) -> plotly Figure``; every setting must give the same
+            number of traces, in the same order.
+        initial: the setting shown first (default: the first value of each parameter).
+        live_grid: values offered by the live sliders (default: ``grid``); may be finer,
+            since the live front end computes on demand.
+        title: a format string filled with the parameters, e.g. ``"scale = {scale:.2f}"``.
+        fixed_axes: keep the axis ranges fixed across the static figure's slider steps
+            (the union over all settings), so settings can be compared by eye.
+
+    Example:
+        >>> ex = Explorer(lambda a: a, {"a": [1.0, 2.0]},
+        ...               lambda a: go.Figure(go.Scatter(x=[0, 1], y=[0, a])))
+        >>> len(ex.figure().frames)
+        2
+    """
+
+    compute: Callable[..., Any]
+    grid: Mapping[str, Sequence[Any]]
+    render: Callable[[Any], go.Figure]
+    initial: Mapping[str, Any] | None = None
+    live_grid: Mapping[str, Sequence[Any]] | None = None
+    title: str | None = None
+    fixed_axes: bool = True
+    _cache: dict = field(default_factory=dict, init=False, repr=False)
+    live_figure: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.grid:
+            raise ValueError("grid is empty: pass {name: [values, ...]} with at least one parameter")
+        for name, values in self.grid.items():
+            if len(values) == 0:
+                raise ValueError(f"grid[{name!r}] has no values; give at least one")
+        initial = dict(self.initial or {})
+        unknown = set(initial) - set(self.grid)
+        if unknown:
+            raise ValueError(f"initial has parameters {sorted(unknown)} not in grid {sorted(self.grid)}")
+        self.initial = {name: initial.get(name, list(values)[0]) for name, values in self.grid.items()}
+
+    # ---- computing -------------------------------------------------------------------
+    def result(self, **params: Any) -> Any:
+        """``compute(**params)``, cached per setting."""
+        key = tuple(params[name] for name in self.grid)
+        if key not in self._cache:
+            self._cache[key] = self.compute(**params)
+        return self._cache[key]
+
+    def settings(self) -> list[dict[str, Any]]:
+        names = list(self.grid)
+        return [dict(zip(names, combo)) for combo in itertools.product(*self.grid.values())]
+
+    def figure_for(self, **params: Any) -> go.Figure:
+        """The figure of one setting (no slider)."""
+        fig = go.Figure(self.render(self.result(**params)))
+        if self.title:
+            fig.update_layout(title=self.title.format(**params))
+        if fig.layout.template is None or fig.layout.template.layout.colorway is None:
+            fig.update_layout(template=register())
+        return fig
+
+    def _label(self, params: Mapping[str, Any]) -> str:
+        if len(self.grid) == 1:
+            return _fmt(next(iter(params.values())))
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in params.items())
+
+    # ---- static front end ------------------------------------------------------------
+    def figure(self) -> go.Figure:
+        """A static figure with one slider step per setting (plotly frames, no kernel needed)."""
+        settings = self.settings()
+        figs = [self.figure_for(**p) for p in settings]
+        n_traces = {len(f.data) for f in figs}
+        if len(n_traces) != 1:
+            raise ValueError(
+                f"render() returned figures with different numbers of traces {sorted(n_traces)} "
+                "across the grid; return the same traces for every setting (use empty x/y for absent ones)"
+            )
+        labels = [self._label(p) for p in settings]
+        active = settings.index(dict(self.initial)) if dict(self.initial) in settings else 0
+        fig = go.Figure(figs[active])
+        frames = []
+        for label, f in zip(labels, figs):
+            layout = {"title": f.layout.title} if f.layout.title.text is not None else {}
+            frames.append(go.Frame(name=label, data=f.data, layout=layout))
+        fig.frames = frames
+        if self.fixed_axes:
+            self._fix_axes(fig, figs)
+        prefix = f"{next(iter(self.grid))} = " if len(self.grid) == 1 else ""
+        now = dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))
+        slider = dict(
+            active=active,
+            currentvalue=dict(prefix=prefix),
+            pad=dict(t=50),
+            steps=[dict(method="animate", label=label, args=[[label], now]) for label in labels],
+        )
+        fig.update_layout(sliders=[slider])
+        margin_b = (fig.layout.margin.b or 50) + 60
+        fig.update_layout(margin=dict(b=margin_b))
+        return fig
+
+    @staticmethod
+    def _fix_axes(fig: go.Figure, figs: list[go.Figure]) -> None:
+        """Set each axis range to the union of the data over all settings."""
+        spans: dict[str, list[float]] = {}
+        for f in figs:
+            for tr in f.data:
+                for letter in ("x", "y"):
+                    values = getattr(tr, letter, None)
+                    if values is None or not hasattr(tr, f"{letter}axis"):
+                        continue
+                    axis = (getattr(tr, f"{letter}axis") or letter).replace(letter, f"{letter}axis", 1)
+                    try:
+                        arr = np.asarray(values, dtype=float).ravel()
+                    except (TypeError, ValueError):
+                        continue  # categorical axis
+                    log = getattr(fig.layout, axis, None) is not None and getattr(fig.layout, axis).type == "log"
+                    arr = arr[np.isfinite(arr) & (arr > 0 if log else True)]
+                    if arr.size == 0:
+                        continue
+                    if log:
+                        arr = np.log10(arr)
+                    lo, hi = spans.get(axis, [np.inf, -np.inf])
+                    spans[axis] = [min(lo, arr.min()), max(hi, arr.max())]
+        for axis, (lo, hi) in spans.items():
+            pad = 0.05 * (hi - lo) if hi > lo else 0.5
+            ax = getattr(fig.layout, axis, None)
+            if ax is not None and ax.range is None:
+                ax.range = [lo - pad, hi + pad]
+                ax.autorange = False
+
+    # ---- live front end --------------------------------------------------------------
+    def widget(self) -> Any:
+        """A live front end: one ipywidgets slider per parameter above a plotly FigureWidget.
+
+        Moving a slider calls ``compute`` for the new setting and redraws. Needs a running
+        kernel with widget support (Jupyter, JupyterLab, Colab with the custom widget
+        manager enabled); the FigureWidget needs ``anywidget``.
+        """
+        import ipywidgets as widgets
+
+        grid = self.live_grid or self.grid
+        params = {name: (self.initial[name] if self.initial[name] in list(grid[name]) else list(grid[name])[0])
+                  for name in self.grid}
+        fw = go.FigureWidget(self.figure_for(**params))
+        self.live_figure = fw
+        sliders = {
+            name: widgets.SelectionSlider(
+                options=[(_fmt(v), v) for v in grid[name]], value=params[name], description=name,
+                continuous_update=False, layout=widgets.Layout(width="min(100%, 520px)"),
+            )
+            for name in self.grid
+        }
+        status = widgets.HTML(value="")
+
+        def redraw(_change: Any = None) -> None:
+            new = {name: s.value for name, s in sliders.items()}
+            status.value = "<i>computing…</i>"
+            fig = self.figure_for(**new)
+            with fw.batch_update():
+                if len(fig.data) == len(fw.data) and all(a.type == b.type for a, b in zip(fig.data, fw.data)):
+                    for old, tr in zip(fw.data, fig.data):
+                        old.update(tr.to_plotly_json(), overwrite=True)
+                else:
+                    fw.data = []
+                    fw.add_traces(list(fig.data))
+                fw.layout.title = fig.layout.title
+            status.value = ""
+
+        for s in sliders.values():
+            s.observe(redraw, names="value")
+        box = widgets.VBox([*sliders.values(), status, fw])
+        box.sliders = sliders  # for tests and for readers who want to drive it from code
+        box.figure = fw
+        return box
+
+    def show(self, live: bool | None = None) -> Any:
+        """The live widget when ``live`` (default: :func:`want_live`), else the static figure."""
+        if live is None:
+            live = want_live()
+        return self.widget() if live else self.figure()
+
+
+def explore(
+    compute: Callable[..., Any],
+    grid: Mapping[str, Sequence[Any]],
+    render: Callable[[Any], go.Figure],
+    **options: Any,
+) -> Explorer:
+    """Shorthand for ``Explorer(compute, grid, render, **options)``."""
+    return Explorer(compute, grid, render, **options)
