@@ -263,41 +263,50 @@ class Anderson(Solver):
     def init(self, z0):
         # plain lists, not an in-place ring buffer, so that autograd can run through
         # the iterations (the ``unrolled`` backward strategy)
-        return {"X": [], "F": []}
+        return {"X": [], "F": [], "G": [], "H": None}
 
     def step(self, f, z, fz, state):
         keep = self.m - 1  # slots left for the history once z joins
+        g = fz - z
         X = (state["X"][-keep:] if keep else []) + [z]
         F = (state["F"][-keep:] if keep else []) + [fz]
-        state = {"X": X, "F": F}
-        n_hist = len(X)
-        if n_hist == 1:  # nothing to mix yet: a (damped) plain step
+        Gs = (state["G"][-keep:] if keep else []) + [g]
+        h = len(X)
+        # Gram matrix H_ij = <g_i, g_j>, kept incrementally: one new row per step. Tiny
+        # batched matmuls are slow on CPU; h elementwise dot products are not. The (h x h)
+        # algebra runs in float64 so a float32 state cannot make it singular.
+        dots = torch.stack([(gi * g).sum(-1) for gi in Gs], -1).double()  # (B, h)
+        H_old = state["H"]
+        H = dots.new_zeros(dots.shape[0], h, h)
+        if H_old is not None and h > 1:
+            H[:, :-1, :-1] = H_old[:, -(h - 1):, -(h - 1):]
+        H[:, -1, :] = dots
+        H[:, :, -1] = dots
+        state = {"X": X, "F": F, "G": Gs, "H": H}
+        if h == 1:  # nothing to mix yet: a (damped) plain step
             return torch.lerp(z, fz, self.beta), state
-        Xh, Fh = torch.stack(X, 1), torch.stack(F, 1)  # (B, h, n)
-        G = Fh - Xh  # residuals g(z_i), (B, h, n)
-        # The (h x h) solve is tiny: do it in float64 so a float32 state cannot make it singular.
-        H = torch.bmm(G, G.transpose(1, 2)).double()  # (B, h, h) Gram matrix
         diag = torch.diagonal(H, dim1=1, dim2=2)
         if self.scale_ridge:
             lam = self.ridge * diag.mean(-1).clamp_min(torch.finfo(torch.float64).tiny)  # (B,)
         else:
             lam = torch.full_like(diag[:, 0], self.ridge)
-        A = H.new_zeros(H.shape[0], n_hist + 1, n_hist + 1)
+        # bordered system [[0, 1^T], [1, H + lam I]] [nu, alpha] = [1, 0]: weights summing to one
+        A = H.new_zeros(H.shape[0], h + 1, h + 1)
         A[:, 0, 1:] = 1.0
         A[:, 1:, 0] = 1.0
-        A[:, 1:, 1:] = H + lam[:, None, None] * torch.eye(n_hist, dtype=H.dtype, device=H.device)
-        rhs = H.new_zeros(H.shape[0], n_hist + 1)
+        A[:, 1:, 1:] = H + lam[:, None, None] * torch.eye(h, dtype=H.dtype, device=H.device)
+        rhs = H.new_zeros(H.shape[0], h + 1)
         rhs[:, 0] = 1.0
         sol, info = torch.linalg.solve_ex(A, rhs)
         # a singular system (possible only with ridge=0): fall back to the newest pair
         newest = torch.zeros_like(sol[:, 1:])
         newest[:, -1] = 1.0
         bad = (info != 0) | ~torch.isfinite(sol).all(-1)
-        alpha = torch.where(bad[:, None], newest, sol[:, 1:]).to(z.dtype).unsqueeze(1)  # (B, 1, h)
-        mixed_f = torch.bmm(alpha, Fh).squeeze(1)
+        alpha = torch.where(bad[:, None], newest, sol[:, 1:]).to(z.dtype)  # (B, h)
+        mixed_f = sum(alpha[:, i:i + 1] * F[i] for i in range(h))
         if self.beta == 1.0:
             return mixed_f, state
-        mixed_z = torch.bmm(alpha, Xh).squeeze(1)
+        mixed_z = sum(alpha[:, i:i + 1] * X[i] for i in range(h))
         return torch.lerp(mixed_z, mixed_f, self.beta), state
 
 
@@ -554,13 +563,16 @@ def solve(
                     raise TypeError(f"f changed the dtype: z is {z.dtype}, f(z) is {fz.dtype}")
             fz = fz.reshape(B, -1)
             res_abs = (fz - z).norm(dim=1)  # (B,)
-            res_rel = res_abs / fz.norm(dim=1).clamp_min(tiny)
+            f_norm = fz.norm(dim=1)
+            res_rel = res_abs / f_norm.clamp_min(tiny)
             res = res_rel if stop == "rel" else res_abs
             abs_rows.append(res_abs)
             rel_rows.append(res_rel)
             if iterates is not None:
                 iterates.append(z.view(shape).clone())
-            finite = torch.isfinite(res) & torch.isfinite(fz).all(dim=1)
+            # z is finite (checked last step), so a non-finite entry of f(z) shows up in
+            # one of these norms: no extra pass over the state
+            finite = torch.isfinite(res_abs) & torch.isfinite(f_norm)
             better = finite & (res < best_res)
             best_res = torch.where(better, res, best_res)
             best_z = torch.where(better[:, None], z, best_z)

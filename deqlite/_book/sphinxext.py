@@ -64,7 +64,6 @@ def _config_inited(app: Sphinx, config: Config) -> None:
     # live widgets are for kernels, the book shows static plotly figures instead.
     if hasattr(config, "nb_ipywidgets_js"):
         config.nb_ipywidgets_js = {REQUIRE_JS: {}}
-    config.html_css_files = [*config.html_css_files, "deqlite/deqlite.css"]
 
 
 def _page_context(app: Sphinx, pagename: str, templatename: str, context: dict, doctree: Any) -> None:
@@ -124,8 +123,104 @@ class DeqliteApiDirective(SphinxDirective):
         return node.children
 
 
+# ---- references to re-exported names (deqlite.solve -> deqlite.solvers.solve) ----------------
+def _real_name(target: str) -> str | None:
+    """``deqlite.X`` re-exported from a submodule -> its defining ``module.qualname``."""
+    import importlib
+
+    parts = target.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return None
+        module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+        return f"{module}.{qualname}" if module and qualname else None
+    return None
+
+
+def _missing_reference(app: Sphinx, env: Any, node: Any, contnode: Any) -> Any:
+    if node.get("refdomain") != "py":
+        return None
+    target = node.get("reftarget", "")
+    domain = env.get_domain("py")
+    real = None
+    if target.startswith("deqlite."):
+        real = _real_name(target)
+    elif target and "." not in target:  # a bare name documented once in deqlite: SolverTrace
+        hits = [name for name in domain.objects if name.startswith("deqlite.") and name.endswith("." + target)]
+        real = hits[0] if len(hits) == 1 else None
+    if not real or real == target or real not in domain.objects:
+        return None
+    return domain.resolve_xref(env, node["refdoc"], app.builder, "obj", real, node, contnode)
+
+
+# ---- docstring problems: reported, fatal only with DEQLITE_STRICT_DOCSTRINGS=1 ---------------
+class _DocstringWarningFilter:
+    """Keep warnings raised inside deqlite docstrings (API page) from failing a -W build.
+
+    They are still printed (as "deqlite-api docstring: ...") and counted at the end, so
+    module owners see them; set DEQLITE_STRICT_DOCSTRINGS=1 to make them errors again.
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def filter(self, record: Any) -> bool:
+        import logging
+        import sys
+
+        if record.levelno < logging.WARNING:
+            return True
+        location = getattr(record, "location", None)
+        if location is not None and not isinstance(location, (str, tuple)):
+            from sphinx.util.logging import get_node_location
+
+            location = get_node_location(location)
+        text = ":".join(map(str, location)) if isinstance(location, tuple) else str(location or "")
+        if "docstring of" not in text:
+            return True
+        message = f"{text}: {record.getMessage()}"
+        self.seen.append(message)
+        print(f"deqlite-api docstring (not fatal): {message}", file=sys.stderr)
+        return False
+
+
+_DOCSTRING_FILTER = _DocstringWarningFilter()
+
+
+def _install_docstring_filter(app: Sphinx) -> None:
+    import logging
+    import os
+
+    from sphinx.util.logging import NAMESPACE, WarningStreamHandler
+
+    if os.environ.get("DEQLITE_STRICT_DOCSTRINGS", "").lower() in ("1", "true", "yes"):
+        return
+    for handler in logging.getLogger(NAMESPACE).handlers:
+        if isinstance(handler, WarningStreamHandler) and _DOCSTRING_FILTER not in handler.filters:
+            handler.filters.insert(0, _DOCSTRING_FILTER)
+
+
+def _report_docstrings(app: Sphinx, exception: Exception | None) -> None:
+    if _DOCSTRING_FILTER.seen:
+        import sys
+
+        print(f"deqlite-api: {len(_DOCSTRING_FILTER.seen)} docstring problem(s) reported above "
+              "(not fatal; DEQLITE_STRICT_DOCSTRINGS=1 makes them errors)", file=sys.stderr)
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
     app.connect("config-inited", _config_inited, priority=900)
+    app.connect("builder-inited", _install_docstring_filter)
+    app.connect("missing-reference", _missing_reference)
+    app.connect("build-finished", _report_docstrings)
     app.connect("html-page-context", _page_context)
     app.add_directive("deqlite-api", DeqliteApiDirective)
+    app.add_css_file("deqlite/deqlite.css")
     return {"version": "0.1", "parallel_read_safe": True, "parallel_write_safe": True}

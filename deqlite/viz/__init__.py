@@ -12,6 +12,7 @@ This subpackage imports plotly (and ipywidgets, only when a live widget is made)
 ``import deqlite`` alone imports neither.
 """
 
+from .book import glue
 from .explorer import LIVE_ENV, Explorer, explore, want_live
 from .figures import convergence_animation, iterate_figure, residual_figure
 from .theme import TEMPLATE_NAME, make_template, register, use_as_default
@@ -24,6 +25,7 @@ __all__ = [
     "TEMPLATE_NAME",
     "convergence_animation",
     "explore",
+    "glue",
     "iterate_figure",
     "make_template",
     "register",

@@ -1,0 +1,28 @@
+"""Small helpers for chapters that also run outside the book build (Colab, plain Jupyter)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and 0-d tensors as Python numbers (their repr is what glue stores)."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0 and getattr(value, "shape", ()) == ():
+        return value.item()
+    return value
+
+
+def glue(name: str, value: Any, display: bool = False) -> Any:
+    """``myst_nb.glue`` when myst-nb is installed (book build), a no-op otherwise (Colab).
+
+    Numbers glued this way appear in the prose as ``{glue:text}`name:.2f``` and are never
+    typed by hand. numpy / torch scalars are converted to Python numbers first, so their
+    repr is a plain number. Returns the (converted) value.
+    """
+    value = _plain(value)
+    try:
+        from myst_nb import glue as _glue
+    except ImportError:
+        return value
+    _glue(name, value, display=display)
+    return value
