@@ -546,6 +546,7 @@ def solve(
         best_res = torch.full((B,), math.inf, dtype=z.dtype, device=z.device)
         best_step = torch.full((B,), -1, dtype=torch.long, device=z.device)
         diverged = torch.zeros(B, dtype=torch.bool, device=z.device)
+        any_diverged = False
         abs_rows: List[Tensor] = []
         rel_rows: List[Tensor] = []
         iterates: Optional[List[Tensor]] = [] if return_iterates else None
@@ -565,27 +566,36 @@ def solve(
             res_abs = (fz - z).norm(dim=1)  # (B,)
             f_norm = fz.norm(dim=1)
             res_rel = res_abs / f_norm.clamp_min(tiny)
+            # z is finite (checked last step), so a non-finite entry of f(z) shows up in
+            # one of these norms: no extra pass over the state
+            finite = torch.isfinite(res_abs) & torch.isfinite(f_norm)
+            if any_diverged:  # frozen samples: record a gap, not a repeated residual
+                nan = torch.full_like(res_abs, math.nan)
+                res_abs = torch.where(diverged, nan, res_abs)
+                res_rel = torch.where(diverged, nan, res_rel)
+                finite = finite & ~diverged
             res = res_rel if stop == "rel" else res_abs
             abs_rows.append(res_abs)
             rel_rows.append(res_rel)
             if iterates is not None:
                 iterates.append(z.view(shape).clone())
-            # z is finite (checked last step), so a non-finite entry of f(z) shows up in
-            # one of these norms: no extra pass over the state
-            finite = torch.isfinite(res_abs) & torch.isfinite(f_norm)
             better = finite & (res < best_res)
             best_res = torch.where(better, res, best_res)
             best_z = torch.where(better[:, None], z, best_z)
             best_step = torch.where(better, torch.full_like(best_step, k), best_step)
             if callback is not None:
                 callback(StepInfo(k, z.view(shape), fz.view(shape), res_abs, res_rel, nfe))
-            if not bool(finite.all()):
-                diverged = ~finite
-                break
-            if bool((best_res <= tol).all()) or k == max_iter - 1:
+            new_div = ~finite & ~diverged
+            if bool(new_div.any()):
+                # a sample produced inf/nan: freeze it at its best finite iterate and let the
+                # others go on (samples never mix, so its NaNs cannot reach them)
+                diverged = diverged | new_div
+                any_diverged = True
+            done = (best_res <= tol) | diverged
+            if bool(done.all()) or k == max_iter - 1:
                 break
             z_next, state = slv.step(f_flat, z, fz, state)
-            z = z_next
+            z = torch.where(diverged[:, None], best_z, z_next) if any_diverged else z_next
         wall = time.perf_counter() - t0
 
     converged = best_res <= tol

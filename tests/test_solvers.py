@@ -1,0 +1,321 @@
+"""The solve loop and every solver: known answers, traces, errors, properties."""
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import deqlite
+
+# tiny tensors: one thread avoids OpenMP spin-waits on a busy 2-core machine
+torch.set_num_threads(1)
+from deqlite import problems as P
+from deqlite.solvers import (Anderson, Broyden, ConvergenceError, KrasnoselskiiMann, Newton, Picard,
+                             Solver, available_solvers, get_solver, register_solver, solve)
+
+ALL = ["picard", "km", "anderson", "broyden", "newton"]
+ACCEL = ["anderson", "broyden", "newton"]
+
+
+def opts(name):
+    return {"beta": 0.7} if name == "km" else {}
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_affine_contraction_known_fixed_point(name, dtype):
+    prob = P.affine(D=12, B=3, rho=0.7, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-11
+    z, tr = solve(prob.f, prob.z0, solver=name, tol=tol, max_iter=300, **opts(name))
+    assert tr.status == "converged", tr
+    err = (z - prob.z_star).norm() / prob.z_star.norm()
+    assert err < (1e-4 if dtype == torch.float32 else 1e-9)
+    assert z.dtype == dtype
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_cosine(name):
+    prob = P.cosine(B=2)
+    z, tr = solve(prob.f, prob.z0, solver=name, tol=1e-12, max_iter=200, stop="abs", **opts(name))
+    assert tr.status == "converged"
+    torch.testing.assert_close(z, prob.z_star, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_tanh_layer(name):
+    prob = P.tanh_layer(D=32, B=4, dtype=torch.float64)
+    z, tr = solve(prob.f, prob.z0, solver=name, tol=1e-10, max_iter=200, **opts(name))
+    assert tr.status == "converged"
+    assert ((prob.f(z) - z).norm(dim=1) / prob.f(z).norm(dim=1)).max() <= 1e-10
+
+
+@pytest.mark.parametrize("name", ACCEL)
+def test_accelerated_solvers_succeed_where_picard_fails(name):
+    # a rotation scaled by 1.02: plain iteration spirals out, the fixed point still exists
+    prob = P.rotation_map(B=2, radius=1.02)
+    _, tr_p = solve(prob.f, prob.z0, solver="picard", tol=1e-8, max_iter=100)
+    assert tr_p.status == "max_iter" and tr_p.residual[-1].min() > tr_p.residual[0].max()
+    z, tr = solve(prob.f, prob.z0, solver=name, tol=1e-10, max_iter=100)
+    assert tr.status == "converged"
+    torch.testing.assert_close(z, prob.z_star, atol=1e-8, rtol=1e-8)
+
+
+def test_anderson_and_broyden_beat_picard_on_expansive_tanh():
+    # P2b: plain iteration stalls on tanh(Wz + Ux + b) with W = 1.5 x orthogonal
+    prob = P.expansive_tanh(D=64, B=4, averaged=False, dtype=torch.float64)
+    _, tr_p = solve(prob.f, prob.z0, solver="picard", tol=1e-6, max_iter=150)
+    _, tr_a = solve(prob.f, prob.z0, solver="anderson", tol=1e-6, max_iter=150, m=10)
+    _, tr_b = solve(prob.f, prob.z0, solver="broyden", tol=1e-6, max_iter=150)
+    assert tr_p.status == "max_iter" and tr_p.best_residual.max() > 1e-4
+    assert tr_a.status == "converged" and tr_b.status == "converged"
+
+
+def test_scaled_ridge_beats_fixed_ridge():
+    prob = P.conv_groupnorm(B=4, dtype=torch.float64)
+    _, scaled = solve(prob.f, prob.z0, solver="anderson", tol=1e-6, max_iter=100)
+    _, fixed = solve(prob.f, prob.z0, solver="anderson", tol=1e-6, max_iter=100, scale_ridge=False)
+    assert scaled.status == "converged"
+    assert scaled.nfe < fixed.nfe
+
+
+def test_trace_has_one_row_per_step_and_no_padding():
+    prob = P.affine(D=8, B=5, rho=0.5)
+    z, tr = solve(prob.f, prob.z0, solver="picard", tol=1e-8, max_iter=500, return_iterates=True)
+    assert tr.n_steps == tr.nfe == len(tr.iterates) == tr.abs_residual.shape[0] == tr.rel_residual.shape[0]
+    assert tr.n_steps < 500
+    assert tr.abs_residual.shape == (tr.n_steps, 5)
+    # the last row is the step that met tol; earlier rows did not all meet it
+    assert (tr.rel_residual[-1] <= 1e-8).all() and not (tr.rel_residual[-2] <= 1e-8).all()
+    # residuals match the definition for the recorded iterates
+    for k in (0, tr.n_steps - 1):
+        zk = tr.iterates[k]
+        torch.testing.assert_close(tr.abs_residual[k], (prob.f(zk) - zk).norm(dim=1))
+        torch.testing.assert_close(tr.rel_residual[k], (prob.f(zk) - zk).norm(dim=1) / prob.f(zk).norm(dim=1))
+    d = tr.to_dict()
+    assert d["abs_residual"].shape == (tr.n_steps, 5) and d["iterates"].shape[0] == tr.n_steps
+    assert d["status"] == "converged"
+
+
+def test_max_iter_rows_and_status():
+    prob = P.affine(D=8, B=2, rho=0.9)
+    _, tr = solve(prob.f, prob.z0, solver="picard", tol=1e-12, max_iter=7)
+    assert tr.status == "max_iter" and tr.n_steps == 7 and tr.nfe == 7
+    assert not tr.converged.any()
+    with pytest.raises(ConvergenceError, match="did not converge"):
+        solve(prob.f, prob.z0, solver="picard", tol=1e-12, max_iter=7, on_failure="raise")
+
+
+def test_per_sample_stopping_keeps_best_iterate():
+    prob = P.affine(D=8, B=3, rho=0.5)
+    z, tr = solve(prob.f, prob.z0, solver="picard", tol=1e-6, max_iter=200, return_iterates=True)
+    for b in range(3):
+        k = int(tr.best_step[b])
+        torch.testing.assert_close(z[b], tr.iterates[k][b])
+        assert tr.residual[k, b] == tr.residual[:, b].min()
+
+
+def test_abs_stop():
+    prob = P.affine(D=8, B=3, rho=0.5)
+    _, tr = solve(prob.f, prob.z0, solver="picard", tol=1e-9, stop="abs", max_iter=200)
+    assert tr.status == "converged" and (tr.best_residual <= 1e-9).all()
+    assert torch.equal(tr.residual, tr.abs_residual)
+
+
+def test_divergence_keeps_best_finite_iterate_and_warns():
+    B = 3
+    scale = torch.tensor([[0.5], [0.5], [50.0]], dtype=torch.float64)
+
+    def f(z):  # sample 2 explodes: exp of ever larger numbers overflows to inf
+        return torch.where(scale > 1, torch.exp(scale * z.abs()) + 1.0, 0.5 * z + 1.0)
+
+    z0 = torch.zeros(B, 4, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="Non-finite"):
+        z, tr = solve(f, z0, solver="picard", tol=1e-12, max_iter=100)
+    assert tr.status == "diverged"
+    assert tr.diverged.tolist() == [False, False, True]
+    assert torch.isfinite(z).all()
+    # the best finite iterate of the exploding sample is its start (its residual only grows)
+    assert tr.best_step[2] == 0
+    torch.testing.assert_close(z[2], z0[2])
+    assert not torch.isfinite(tr.abs_residual[-1, 2])
+    # the well-behaved samples keep their progress
+    assert (tr.best_residual[:2] < 1e-3).all()
+
+
+def test_nan_in_f_does_not_poison_other_samples():
+    def f(z):
+        out = 0.5 * z + 1.0
+        out[1] = out[1] + (float("nan") if bool((z[1] > 1.5).any()) else 0.0)
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        z, tr = solve(f, torch.zeros(2, 3, dtype=torch.float64), solver="anderson", tol=1e-10, max_iter=50)
+    assert tr.status == "diverged" and tr.diverged.tolist() == [False, True]
+    assert torch.isfinite(z).all()
+
+
+@pytest.mark.parametrize("name", ["picard", "anderson", "broyden"])
+def test_batch_permutation_permutes_result(name):
+    prob = P.tanh_layer(D=16, B=6, dtype=torch.float64, seed=3)
+    z, _ = solve(prob.f, prob.z0 + 0.1 * torch.arange(6, dtype=torch.float64)[:, None], solver=name, tol=1e-10, max_iter=100)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    # the map's injection is per sample, so permute it with a permuted map
+    g = torch.Generator().manual_seed(3)
+    W = P.spectral_rescale(torch.randn(16, 16, generator=g, dtype=torch.float64), 0.9)
+    U = torch.randn(16, 16, generator=g, dtype=torch.float64) / 4
+    x = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    b = 0.1 * torch.randn(16, generator=g, dtype=torch.float64)
+
+    def f(z, x=x):
+        return torch.tanh(z @ W.T + x @ U.T + b)
+
+    z0 = 0.1 * torch.arange(6, dtype=torch.float64)[:, None].expand(6, 16)
+    za, _ = solve(f, z0, solver=name, tol=1e-10, max_iter=100)
+    zb, _ = solve(lambda z: f(z, x[perm]), z0[perm], solver=name, tol=1e-10, max_iter=100)
+    torch.testing.assert_close(zb, za[perm], atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(za, z, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(4, 10), (3, 2, 5), (2, 3, 4, 4)])
+def test_any_trailing_shape(shape):
+    A = 0.5
+    c = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    z, tr = solve(lambda z: A * torch.tanh(z) + c, torch.zeros(shape), solver="anderson", tol=1e-6)
+    assert z.shape == shape and tr.status == "converged"
+    assert tr.abs_residual.shape[1] == shape[0]
+
+
+def test_callback_sees_every_step():
+    prob = P.affine(D=4, B=2, rho=0.5)
+    seen = []
+    _, tr = solve(prob.f, prob.z0, solver="anderson", tol=1e-8, callback=lambda info: seen.append(
+        (info.step, info.nfe, info.abs_residual.clone(), info.z.shape)))
+    assert [s[0] for s in seen] == list(range(tr.n_steps))
+    assert [s[1] for s in seen] == list(range(1, tr.nfe + 1))
+    torch.testing.assert_close(torch.stack([s[2] for s in seen]), tr.abs_residual)
+
+
+def test_newton_counts_jacobians_and_converges_quadratically():
+    prob = P.cosine(B=1)
+    _, tr = solve(prob.f, prob.z0 + 1.0, solver="newton", tol=1e-14, stop="abs", max_iter=20)
+    assert tr.status == "converged" and tr.n_steps <= 6
+    assert tr.extra["jacobian_evals"] == tr.n_steps - 1
+    r = tr.abs_residual[:, 0]
+    # quadratic: the error exponent roughly doubles per step once close
+    assert r[-2] < r[-3] ** 1.5
+
+
+def test_steps_to_and_batch_residual():
+    prob = P.affine(D=8, B=3, rho=0.5)
+    _, tr = solve(prob.f, prob.z0, solver="picard", tol=1e-8, max_iter=200)
+    st_ = tr.steps_to(1e-4)
+    for b in range(3):
+        k = int(st_[b])
+        assert tr.rel_residual[k - 1, b] <= 1e-4 and (k == 1 or tr.rel_residual[k - 2, b] > 1e-4)
+    assert (tr.steps_to(1e-30) == -1).all()
+    br = tr.batch_residual("abs")
+    torch.testing.assert_close(br, tr.abs_residual.pow(2).sum(1).sqrt())
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_unknown_solver_lists_registered():
+    with pytest.raises(ValueError, match="registered solvers: anderson, broyden, km, newton, picard"):
+        solve(torch.cos, torch.zeros(1, 1), solver="andersen")
+
+
+def test_unknown_option_names_valid_ones():
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['mem'\] for solver 'anderson'; valid options: m, beta, ridge, scale_ridge"):
+        solve(torch.cos, torch.zeros(1, 1), solver="anderson", mem=5)
+    with pytest.raises(TypeError, match="valid options: beta"):
+        solve(torch.cos, torch.zeros(1, 1), solver="km", m=3)
+    with pytest.raises(TypeError, match="set them on the object"):
+        solve(torch.cos, torch.zeros(1, 1), solver=Anderson(), m=3)
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(tol=0), "tol must be a positive"),
+    (dict(tol=-1e-3), "tol must be a positive"),
+    (dict(tol=float("nan")), "tol must be a positive"),
+    (dict(max_iter=0), "max_iter must be an integer >= 1"),
+    (dict(max_iter=2.5), "max_iter must be an integer >= 1"),
+    (dict(solver="anderson", m=0), r"m must be an integer >= 1"),
+    (dict(solver="anderson", beta=1.5), r"beta must be in \(0.0, 1.0\]"),
+    (dict(solver="km", beta=0.0), r"beta must be in \(0.0, 1.0\]"),
+    (dict(solver="anderson", ridge=-1.0), "ridge must be"),
+    (dict(stop="relative"), "stop must be 'abs' or 'rel'"),
+    (dict(on_failure="explode"), "on_failure must be"),
+])
+def test_bad_arguments(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        solve(torch.cos, torch.zeros(1, 1), **kwargs)
+
+
+def test_unbatched_state_suggests_unsqueeze():
+    with pytest.raises(ValueError, match=r"shape \(5,\).*z0.unsqueeze\(0\)"):
+        solve(torch.cos, torch.zeros(5))
+
+
+def test_wrong_output_shape_says_both_shapes():
+    with pytest.raises(ValueError, match=r"z has shape \(2, 3\), f\(z\) has shape \(2, 4\)"):
+        solve(lambda z: torch.zeros(2, 4), torch.zeros(2, 3))
+
+
+def test_non_tensor_and_integer_state():
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        solve(torch.cos, [[0.0]])
+    with pytest.raises(TypeError, match="floating-point"):
+        solve(torch.cos, torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_newton_refuses_large_states():
+    with pytest.raises(ValueError, match="use solver='broyden'|Use solver='broyden'"):
+        solve(torch.tanh, torch.zeros(1, 5000), solver="newton")
+
+
+# ------------------------------------------------------------------ registry
+
+
+def test_registry_and_custom_solver():
+    assert set(ALL) <= set(available_solvers())
+
+    @register_solver("halfstep_test")
+    class HalfStep(Solver):
+        def step(self, f, z, fz, state):
+            return 0.5 * (z + fz), state
+
+    try:
+        z, tr = solve(torch.cos, torch.zeros(1, 1, dtype=torch.float64), solver="halfstep_test", tol=1e-10, max_iter=100)
+        assert tr.solver == "halfstep_test" and abs(z.item() - 0.7390851332) < 1e-8
+        assert isinstance(get_solver("halfstep_test"), HalfStep)
+    finally:
+        deqlite.solvers.SOLVERS.pop("halfstep_test")
+    assert isinstance(get_solver(Picard), Picard)
+    assert get_solver("km", beta=0.3) == KrasnoselskiiMann(beta=0.3)
+
+
+# ------------------------------------------------------------------ properties
+
+
+@settings(max_examples=25, deadline=None)
+@given(D=st.integers(2, 12), B=st.integers(1, 4), rho=st.floats(0.05, 0.9), seed=st.integers(0, 10_000),
+       name=st.sampled_from(["picard", "anderson", "broyden", "km"]))
+def test_random_contractions_converge_to_the_unique_fixed_point(D, B, rho, seed, name):
+    g = torch.Generator().manual_seed(seed)
+    W = P.spectral_rescale(torch.randn(D, D, generator=g, dtype=torch.float64), rho)
+    c = torch.randn(B, D, generator=g, dtype=torch.float64)
+
+    def f(z):
+        return torch.tanh(z @ W.T + c)
+
+    z, tr = solve(f, torch.zeros(B, D, dtype=torch.float64), solver=name, tol=1e-10, max_iter=400, stop="abs")
+    assert tr.status == "converged"
+    # uniqueness: Picard from another start lands on the same point (contraction mapping theorem)
+    z2, _ = solve(f, torch.randn(B, D, generator=g, dtype=torch.float64), solver="picard", tol=1e-11,
+                  max_iter=2000, stop="abs")
+    # error bound of a contraction: ||z - z*|| <= ||f(z) - z|| / (1 - rho)
+    assert (z - z2).norm(dim=1).max() <= 2e-10 / (1 - rho) + 1e-12
+    assert tr.n_steps == tr.abs_residual.shape[0]
