@@ -127,6 +127,7 @@ class DeltaLayer:
         self.records: List[CallRecord] = []
         self._a_prev: Optional[Tensor] = None
         self._y_prev: Optional[Tensor] = None
+        self._bufs: Optional[tuple] = None
 
     # -- public controls ------------------------------------------------------------------
     @property
@@ -194,8 +195,18 @@ class DeltaLayer:
             return y
         a_prev, y_prev = self._a_prev, self._y_prev
         assert a_prev is not None and y_prev is not None
-        d = a - a_prev
-        fired = d.abs() > self.active_threshold
+        if self.sparse:
+            # Reuse work buffers: on a CPU, allocating fresh (B, D) tensors every iteration
+            # costs as much as the arithmetic the delta rule saves.
+            if self._bufs is None or self._bufs[0].shape != a.shape or self._bufs[0].dtype != a.dtype:
+                self._bufs = (torch.empty_like(a), torch.empty_like(a),
+                              torch.empty(a.shape, dtype=torch.bool, device=a.device))
+            d = torch.sub(a, a_prev, out=self._bufs[0])
+            fired = torch.gt(torch.abs(d, out=self._bufs[1]), self.active_threshold,
+                             out=self._bufs[2])
+        else:
+            d = a - a_prev
+            fired = d.abs() > self.active_threshold
         if self.sparse:
             y = self._sparse_update(d, fired, y_prev)
         else:

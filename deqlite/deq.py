@@ -7,6 +7,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .backward import BACKWARD_STRATEGIES, BackwardConfig, attach_gradient
 from .solvers import Solver, SolverTrace, get_solver, solve
@@ -149,11 +150,15 @@ class DEQ(nn.Module):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters()))
         unrolled = needs_grad and self.backward == "unrolled"
-        z_star, trace = solve(fx, z0, solver=cfg["solver"], tol=cfg["tol"], max_iter=cfg["max_iter"],
-                              stop=cfg["stop"], callback=callback, on_failure=self.on_failure,
-                              grad=unrolled, **cfg["options"])
+        # parametrised weights (make_contractive) are computed once per solve, not per step;
+        # the solve runs without grad, so the gradient step gets its own cache with a graph
+        with parametrize.cached():
+            z_star, trace = solve(fx, z0, solver=cfg["solver"], tol=cfg["tol"], max_iter=cfg["max_iter"],
+                                  stop=cfg["stop"], callback=callback, on_failure=self.on_failure,
+                                  grad=unrolled, **cfg["options"])
         if self.warm_start:
             self._last_z = z_star.detach()
         if needs_grad and not unrolled:
-            z_star = attach_gradient(fx, z_star, self.backward_config, self._record_backward)
+            with parametrize.cached():
+                z_star = attach_gradient(fx, z_star, self.backward_config, self._record_backward)
         return DEQOutput(z_star, trace)

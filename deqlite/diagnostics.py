@@ -103,7 +103,7 @@ def _trend(res: Tensor) -> tuple:
     tail = r[r.numel() // 2:].clamp_min(1e-300).log()
     rate = math.exp((tail[-1] - tail[0]).item() / max(1, tail.numel() - 1))
     ups = (tail[1:] > tail[:-1]).float().mean().item()
-    if rate > 1.05:
+    if rate > 1.01:
         kind = "growing"
     elif ups > 0.35 and rate > 0.9:
         kind = "oscillating"
@@ -149,7 +149,7 @@ def diagnose(f: Callable[[Tensor], Tensor], z0: Tensor, trace: Optional[SolverTr
     best = trace.iterates[int(trace.best_step[worst].clamp_min(0))]
     rho = float(spectral_radius(f, best)[worst])
     jn = float(jacobian_norm(f, best)[worst])
-    kind, rate = _trend(res[:, worst])
+    kind, rate = _trend(trace.abs_residual[:, worst])  # rel flattens out when f(z) grows too
     cond = _anderson_condition(trace, f, m) if trace.solver == "anderson" else None
 
     lines = [f"Status: {trace.status} after {trace.n_steps} steps; the worst sample (#{worst}) reached "

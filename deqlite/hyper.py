@@ -57,7 +57,7 @@ __all__ = [
     "ALPHA_MODES", "LOSS_WEIGHTS", "MLPInitializer", "ConvInitializer", "HyperAndersonNet",
     "LeastSquaresMixer", "HyperSolver", "normalize_alpha", "anderson_weights", "loss_weights",
     "unroll", "hyper_losses", "fixed_points", "train_hypersolver", "TrainLog", "hyper_solve",
-    "budget_curve", "matched_nfe", "count_parameters",
+    "budget_curve", "matched_nfe", "count_parameters", "median_time",
 ]
 
 ALPHA_MODES = ("shift", "softmax", "none")
@@ -219,8 +219,9 @@ class LeastSquaresMixer(nn.Module):
             raise ValueError(f"beta must be in (0, 1], got {beta!r}")
         self.beta, self.ridge, self.scale_ridge = float(beta), float(ridge), bool(scale_ridge)
 
-    def forward(self, G: Tensor) -> Tuple[Tensor, Tensor]:
-        """``G``: ``(B, T, n)`` residuals, oldest first -> ``alpha_hat (B, T)``, ``beta (B,)``."""
+    def forward(self, G: Tensor, order: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """``G``: ``(B, T, n)`` residuals -> ``alpha_hat (B, T)`` (rows as in ``G``), ``beta (B,)``.
+        Least squares does not care about the order of the rows, so ``order`` is unused."""
         alpha = anderson_weights(G, self.ridge, self.scale_ridge)
         return alpha, G.new_full((G.shape[0],), self.beta)
 
@@ -303,9 +304,10 @@ class HyperAndersonNet(nn.Module):
                              f"for (B, C, H, W) states build the net with channels=C")
         return G.reshape(B, T, C, n // C).mean(-1).to(self.conv1.weight.dtype)  # global pooling
 
-    def forward(self, G: Tensor) -> Tuple[Tensor, Tensor]:
-        """``G``: ``(B, T, n)`` residuals, oldest first, ``1 <= T <= m + 1``.
-        Returns ``alpha_hat`` ``(B, T)`` and ``beta`` ``(B,)`` in ``G``'s dtype."""
+    def forward(self, G: Tensor, order: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """``G``: ``(B, T, n)`` residuals, ``1 <= T <= m + 1``; ``order`` ``(T,)`` lists its rows
+        oldest to newest (``None``: they already are). Returns ``alpha_hat`` ``(B, T)`` for the
+        rows of ``G`` and ``beta`` ``(B,)``, in ``G``'s dtype."""
         B, T, n = G.shape
         if not 1 <= T <= self.m + 1:
             raise ValueError(f"history length {T} outside 1..m+1 = 1..{self.m + 1}")
@@ -322,11 +324,19 @@ class HyperAndersonNet(nn.Module):
             Gn = G / G.norm(dim=-1).amax(-1).clamp_min(torch.finfo(G.dtype).tiny)[:, None, None]
             gram = torch.bmm(Gn, Gn.transpose(1, 2)).to(dt)  # (B, T, T)
             parts.append(F.pad(gram, (self.m + 1 - T, 0)))  # (B, T, m+1), aligned like the slots
-        feats = torch.cat(parts, -1)  # (B, T, features)
+        feats = torch.cat(parts, -1)  # (B, T, features), rows of G
+        if order is not None:  # per-row features are computed in storage order; now sort them
+            feats = feats[:, order]
+            if self.gram:
+                n_g = self.m + 1
+                gram_cols = feats[:, :, -n_g:][:, :, n_g - T:]  # (B, T, T), columns in storage order
+                feats = torch.cat([feats[:, :, :-n_g], F.pad(gram_cols[:, :, order], (n_g - T, 0))], -1)
         feats = F.pad(feats.transpose(1, 2), (self.m + 1 - T, 0))  # (B, features, m+1), left-padded
         h = self.conv2(torch.relu(self.conv1(feats)))  # (B, 2, m+1)
-        alpha_hat = h[:, 0, -T:] + self.alpha_bias[-T:]  # (B, T)
+        alpha_hat = h[:, 0, -T:] + self.alpha_bias[-T:]  # (B, T), oldest first
         beta = self.beta_max * torch.sigmoid(h[:, 1, -T:].mean(-1) + self.beta_bias)  # (B,)
+        if order is not None:  # back to the rows of G
+            alpha_hat = torch.empty_like(alpha_hat).index_copy_(1, order, alpha_hat)
         return alpha_hat.to(G.dtype), beta.to(G.dtype)
 
 
@@ -341,8 +351,10 @@ class HyperSolver(Solver):
     """HyperAnderson iterations (Alg. 2 of Bai, Koltun & Kolter 2022) as a deqlite solver.
 
     Fields:
-        mixer: ``(B, T, n)`` residual history -> ``(alpha_hat (B, T), beta (B,))``; a trained
-            :class:`HyperAndersonNet`, or :class:`LeastSquaresMixer` (the default: Anderson).
+        mixer: ``mixer(G, order=None) -> (alpha_hat (B, T), beta (B,))`` for a ``(B, T, n)``
+            residual history whose rows are oldest to newest in the order ``order`` ``(T,)``
+            (``None``: as stored); a trained :class:`HyperAndersonNet`, or
+            :class:`LeastSquaresMixer` (the default: Anderson).
         m: memory; the last ``m + 1`` iterates are mixed (the net's ``m`` must match).
         alpha_mode: ``"shift"`` (the paper), ``"softmax"`` or ``"none"``; see :func:`normalize_alpha`.
         initializer: ``h_phi``, ``x -> z0`` (applied by :meth:`initial_state`, outside the solve,
@@ -457,28 +469,51 @@ class HyperSolver(Solver):
 
     # -- the Solver protocol -----------------------------------------------------------
     def init(self, z0: Tensor) -> Dict[str, Any]:
-        return {"X": [], "F": [], "k": 0}
+        return {"X": [], "G": [], "k": 0}
 
     def mix(self, z: Tensor, fz: Tensor, state: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Any], Dict[str, Tensor]]:
         """One HyperAnderson update (Alg. 2, lines 4-6) on flattened ``(B, n)`` states.
 
+        With ``g_i = f(z_i) - z_i`` the update ``beta sum alpha_i f(z_i) + (1 - beta) sum alpha_i z_i``
+        is computed as ``sum alpha_i z_i + beta sum alpha_i g_i``, so only iterates and residuals
+        are stored. Under autograd the history is a list (oldest first); without it (inside
+        :func:`deqlite.solve`) a ring buffer written in place, and the mixer gets the
+        chronological ``order`` of its rows instead of a reordered copy.
+
         Returns ``z_next``, the new state and ``{"alpha": (B, T), "beta": (B,), "G_alpha":
-        (B, n)}`` (``G_alpha = sum_i alpha_i g_i``, the residual Anderson minimises)."""
-        X = (state["X"] + [z])[-(self.m + 1):]
-        Fz = (state["F"] + [fz])[-(self.m + 1):]
-        Xh, Fh = torch.stack(X, 1), torch.stack(Fz, 1)  # (B, T, n), T = m_k + 1
-        G = Fh - Xh
-        alpha_hat, beta = self.mixer(G)
-        if alpha_hat.shape != G.shape[:2] or beta.shape != G.shape[:1]:
-            raise ValueError(f"the mixer must return alpha_hat {tuple(G.shape[:2])} and beta "
-                             f"{tuple(G.shape[:1])}, got {tuple(alpha_hat.shape)} and {tuple(beta.shape)}")
-        alpha = normalize_alpha(alpha_hat, self.alpha_mode).unsqueeze(1)  # (B, 1, T)
-        mixed_f = torch.bmm(alpha, Fh).squeeze(1)  # (B, n)
-        mixed_z = torch.bmm(alpha, Xh).squeeze(1)
-        b = beta[:, None]
-        z_next = b * mixed_f + (1 - b) * mixed_z
-        new_state = {"X": X, "F": Fz, "k": state["k"] + 1}
-        return z_next, new_state, {"alpha": alpha.squeeze(1), "beta": beta, "G_alpha": mixed_f - mixed_z}
+        (B, n)}`` (``G_alpha = sum_i alpha_i g_i``, the residual Anderson minimises), with
+        ``alpha`` oldest first.
+        """
+        k, T = state["k"], min(state["k"] + 1, self.m + 1)  # T = m_k + 1
+        g = fz - z
+        order: Optional[Tensor] = None
+        if torch.is_grad_enabled():
+            X = (state["X"] + [z])[-(self.m + 1):]
+            Gl = (state["G"] + [g])[-(self.m + 1):]
+            Xh, Gh = torch.stack(X, 1), torch.stack(Gl, 1)  # (B, T, n), oldest first
+            new_state = {"X": X, "G": Gl, "k": k + 1}
+        else:
+            if not isinstance(state["X"], Tensor):  # first step: allocate the ring buffers
+                B, n = z.shape
+                state = {"X": z.new_empty(B, self.m + 1, n), "G": z.new_empty(B, self.m + 1, n), "k": k}
+            slot = k % (self.m + 1)
+            state["X"][:, slot] = z
+            state["G"][:, slot] = g
+            Xh, Gh = state["X"][:, :T], state["G"][:, :T]  # (B, T, n), storage order
+            if k >= self.m + 1:  # the buffer has wrapped: rows slot+1, ..., slot are oldest..newest
+                order = (torch.arange(1, T + 1, device=z.device) + slot) % T
+            new_state = {"X": state["X"], "G": state["G"], "k": k + 1}
+        alpha_hat, beta = self.mixer(Gh, order=order)
+        if alpha_hat.shape != Gh.shape[:2] or beta.shape != Gh.shape[:1]:
+            raise ValueError(f"the mixer must return alpha_hat {tuple(Gh.shape[:2])} and beta "
+                             f"{tuple(Gh.shape[:1])}, got {tuple(alpha_hat.shape)} and {tuple(beta.shape)}")
+        alpha = normalize_alpha(alpha_hat, self.alpha_mode)  # (B, T); normalising ignores order
+        mixed_z = torch.bmm(alpha.unsqueeze(1), Xh).squeeze(1)  # (B, n)
+        mixed_g = torch.bmm(alpha.unsqueeze(1), Gh).squeeze(1)
+        z_next = mixed_z + beta[:, None] * mixed_g
+        if order is not None:
+            alpha = alpha[:, order]
+        return z_next, new_state, {"alpha": alpha, "beta": beta, "G_alpha": mixed_g}
 
     def step(self, f, z, fz, state):
         z_next, state, _ = self.mix(z, fz, state)
@@ -731,3 +766,19 @@ def matched_nfe(values: Sequence[float], target: float, tol: float, higher_is_be
     while k > 0 and ok[k - 1]:
         k -= 1
     return k + 1
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    _check_pos_int("repeats", repeats)
+    _check_pos_int("warmup", warmup, lo=0)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    mid = len(times) // 2
+    return times[mid] if len(times) % 2 else 0.5 * (times[mid - 1] + times[mid])

@@ -13,7 +13,9 @@ __all__ = ["SpectralScale", "make_contractive", "jacobian_frobenius"]
 
 class SpectralScale(nn.Module):
     """Parametrisation ``W -> W * min(1, radius / sigma(W))``, ``sigma`` the largest singular
-    value, estimated by power iteration (one step per training forward, persistent vector).
+    value: exact (SVD, differentiable) for matrices up to ``exact_max`` rows/columns, else
+    estimated by power iteration (``n_power`` steps per training forward, persistent
+    vector, as in Miyato et al. 2018 -- a slight underestimate right after large updates).
 
     For convolutions ``sigma`` is that of the weight reshaped to ``(out, in * kh * kw)``: a
     cheap proxy, not the operator norm of the convolution. ``mode="fix"`` rescales to
@@ -21,13 +23,15 @@ class SpectralScale(nn.Module):
     shrinks weights that exceed it.
     """
 
-    def __init__(self, weight: Tensor, radius: float = 0.9, mode: str = "clip", n_power: int = 1):
+    def __init__(self, weight: Tensor, radius: float = 0.9, mode: str = "clip", n_power: int = 1,
+                 exact_max: int = 512):
         super().__init__()
         if not (radius > 0):
             raise ValueError(f"radius must be > 0, got {radius!r}")
         if mode not in ("clip", "fix"):
             raise ValueError(f"mode must be 'clip' or 'fix', got {mode!r}")
         self.radius, self.mode, self.n_power = float(radius), mode, int(n_power)
+        self.exact = max(weight.shape[0], weight[0].numel()) <= exact_max
         mat = weight.detach().reshape(weight.shape[0], -1)
         g = torch.Generator(device="cpu").manual_seed(0)
         u = torch.randn(mat.shape[0], generator=g, dtype=torch.float64).to(mat)
@@ -44,6 +48,8 @@ class SpectralScale(nn.Module):
 
     def sigma(self, weight: Tensor) -> Tensor:
         mat = weight.reshape(weight.shape[0], -1)
+        if self.exact:
+            return torch.linalg.matrix_norm(mat, ord=2)
         if self.training:
             with torch.no_grad():
                 self._power(mat, self.n_power)

@@ -219,5 +219,9 @@ def test_classifier_model_shapes_and_errors():
     out = m(torch.randn(4, 64))
     assert out.shape == (4, 10) and m.last_trace.status == "converged"
     assert torch.linalg.matrix_norm(m.cell.W.weight.detach(), 2) <= 0.9 + 1e-4
+    # gradients reach the parametrised (spectrally constrained) weight
+    out.sum().backward()
+    g = m.cell.W.parametrizations.weight.original.grad
+    assert g is not None and g.abs().sum() > 0
     with pytest.raises(ValueError, match=r"x must have shape \(B, 64\)"):
         m(torch.randn(4, 63))

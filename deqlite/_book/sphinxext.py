@@ -74,6 +74,24 @@ def _page_context(app: Sphinx, pagename: str, templatename: str, context: dict, 
         app.add_js_file(PLOTLY_JS, priority=200)
 
 
+def _dedupe_assets(app: Sphinx, pagename: str, templatename: str, context: dict, doctree: Any) -> None:
+    """Drop repeated <script>/<link> entries (Jupyter Book 1 + Sphinx 7 register some
+    extension scripts twice; a repeated `const THEBE_JS_URL` is a JavaScript error)."""
+    for key in ("script_files", "css_files"):
+        files = context.get(key)
+        if not isinstance(files, list):
+            continue
+        seen, unique = set(), []
+        for item in files:
+            attrs = getattr(item, "attributes", {}) or {}
+            name = getattr(item, "filename", item) or ""  # inline scripts: None or ""
+            ident = (str(name), tuple(sorted((k, str(v)) for k, v in attrs.items())))
+            if ident not in seen:
+                seen.add(ident)
+                unique.append(item)
+        files[:] = unique
+
+
 def public_modules(package: str = "deqlite") -> list[str]:
     """Dotted names of the public modules of ``package`` found on disk (no import)."""
     spec = importlib.util.find_spec(package)
@@ -183,7 +201,7 @@ class _DocstringWarningFilter:
 
             location = get_node_location(location)
         text = ":".join(map(str, location)) if isinstance(location, tuple) else str(location or "")
-        if "docstring of" not in text:
+        if "docstring of" not in text and "deqlite-api" not in text:
             return True
         message = f"{text}: {record.getMessage()}"
         self.seen.append(message)
@@ -221,6 +239,7 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.connect("missing-reference", _missing_reference)
     app.connect("build-finished", _report_docstrings)
     app.connect("html-page-context", _page_context)
+    app.connect("html-page-context", _dedupe_assets, priority=100)
     app.add_directive("deqlite-api", DeqliteApiDirective)
     app.add_css_file("deqlite/deqlite.css")
     return {"version": "0.1", "parallel_read_safe": True, "parallel_write_safe": True}

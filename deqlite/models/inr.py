@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,7 +31,8 @@ from ..delta import DeltaLinear, delta_mode, mac_summary, reset_all
 from ..solvers import SolverTrace, solve
 
 __all__ = ["DEQINR", "DEQFourier", "DEQSiren", "SpectralScale", "psnr", "fit_inr", "FitResult",
-           "evaluate_delta", "DeltaEval"]
+           "evaluate_delta", "DeltaEval", "time_iterations", "IterationTiming",
+           "delta_picard_compact", "CompactRun", "time_compact"]
 
 
 class SpectralScale(nn.Module):
@@ -321,3 +323,225 @@ def evaluate_delta(model: DEQINR, coords: Tensor, pixels: Tensor, threshold: Opt
     return DeltaEval(threshold, memory, psnr(out, pixels), trace.nfe, s.total_dense,
                      s.total_cost, model.fixed_macs(coords.shape[0]), s.active_fraction.tolist(),
                      s.fired_per_dim, out, trace)
+
+
+@dataclass
+class IterationTiming:
+    """Wall-clock of ``n_iter`` fixed-point iterations ``z <- (1 - beta) z + beta f(z)`` from
+    ``z = 0`` (medians over ``repeats`` runs after warm-up, dense and delta runs interleaved).
+
+    Attributes:
+        dense_seconds, delta_seconds: median time of the whole loop.
+        speedup: dense / delta.
+        active_fraction: per iteration, the fraction of the layer's input entries that fired.
+        threshold, sparse, n_iter, repeats: the settings.
+        dense_runs, delta_runs: every measurement (seconds).
+    """
+
+    threshold: float
+    sparse: bool
+    n_iter: int
+    repeats: int
+    dense_seconds: float
+    delta_seconds: float
+    speedup: float
+    active_fraction: List[float]
+    dense_runs: List[float]
+    delta_runs: List[float]
+
+
+def time_iterations(model: DEQINR, coords: Tensor, threshold: float, *, n_iter: int = 10,
+                    repeats: int = 11, warmup: int = 2, sparse: bool = True,
+                    memory: str = "reset", beta: float = 0.9) -> IterationTiming:
+    """Time the DEQ iterations with the dense layer and with the delta rule.
+
+    Only the iteration is timed (the injection is computed before the clock starts); solver
+    bookkeeping is left out so that the layer's cost is what is compared. Call
+    ``torch.set_num_threads(1)`` first for stable numbers.
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    model.eval()
+    layer = model.layer
+
+    def run(delta: bool) -> float:
+        with torch.no_grad(), parametrize.cached():
+            g, h = model.injection(coords)
+            layer.reset()
+            z = torch.zeros(coords.shape[0], model.width, dtype=g.dtype)
+            t0 = time.perf_counter()
+            for _ in range(n_iter):
+                z = torch.lerp(z, model.f(z, g, h), beta)
+            return time.perf_counter() - t0
+
+    saved = {k: getattr(layer, k) for k in ("enabled", "threshold", "train_threshold", "memory",
+                                             "sparse", "track")}
+    try:
+        dense_runs: List[float] = []
+        delta_runs: List[float] = []
+        for i in range(warmup + repeats):
+            layer.enabled, layer.track = False, False
+            td = run(False)
+            layer.enabled, layer.threshold, layer.train_threshold = True, float(threshold), float(threshold)
+            layer.memory, layer.sparse = memory, sparse
+            tr = run(True)
+            if i >= warmup:
+                dense_runs.append(td)
+                delta_runs.append(tr)
+        # one tracked run for the sparsity pattern of the timed iterations
+        layer.track = True
+        layer.clear_records()
+        run(True)
+        active = [r.active / r.numel for r in layer.records]
+    finally:
+        for k, v in saved.items():
+            setattr(layer, k, v)
+        layer.reset()
+        layer.clear_records()
+    md = float(torch.tensor(dense_runs).median())
+    mr = float(torch.tensor(delta_runs).median())
+    return IterationTiming(float(threshold), sparse, n_iter, repeats, md, mr, md / mr, active,
+                           dense_runs, delta_runs)
+
+
+@dataclass
+class CompactRun:
+    """Result of :func:`delta_picard_compact`.
+
+    Attributes:
+        output: ``(B, out_dim)``; z_star: ``(B, D)``.
+        iterations: evaluations of the layer (the first one dense).
+        active_rows: per iteration, how many samples were still computed.
+        active_fraction: per iteration, fired entries / all ``B * D`` entries (1 for the first).
+        dense_macs: MACs of the dense layer for the same number of iterations.
+        cost: MACs performed plus subtractions (only active samples are subtracted).
+        converged: every sample's relative change fell to ``tol`` or froze.
+    """
+
+    output: Tensor
+    z_star: Tensor
+    iterations: int
+    active_rows: List[int]
+    active_fraction: List[float]
+    dense_macs: int
+    cost: int
+    converged: bool
+
+
+def delta_picard_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter: int = 100,
+                         tol: float = 1e-3, memory: str = "reset") -> CompactRun:
+    """Picard iteration ``z <- f(z)`` of an INR with the delta rule, skipping frozen samples.
+
+    Under plain (Picard) iteration a sample whose layer input fired nowhere gets the same
+    layer output as before, hence the same next state: its change is exactly zero from then
+    on, under either memory rule. So the delta rule carried through the whole map freezes that
+    sample for good, and every later operation on it (the subtraction, the threshold test,
+    the filter, the update) can be skipped, not only the matrix product. This function keeps
+    the set of still-active samples and works on those rows only; its result equals running
+    ``model.f`` with a :class:`~deqlite.delta.DeltaLinear` at ``threshold`` and the same
+    ``memory`` rule, step for step (tested).
+
+    Stops when no sample is active, when every active sample's relative change
+    ``||z_{k+1} - z_k|| / ||z_{k+1}||`` is ``<= tol``, or after ``max_iter`` evaluations.
+    """
+    threshold = float(threshold)
+    if not threshold >= 0 or not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+    if memory not in ("reset", "accumulate"):
+        raise ValueError(f"memory must be 'reset' or 'accumulate', got {memory!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    model.eval()
+    fourier = model.kind == "fourier"
+    with torch.no_grad(), parametrize.cached():
+        W, bias = model.layer.weight, model.layer.bias
+        D = model.width
+        g, h = model.injection(x)
+        B = x.shape[0]
+        a_prev = g.clone()  # layer input at z_0 = 0
+        y = F.linear(a_prev, W, bias)  # first call: dense, (B, D)
+        z = h * y if fourier else torch.sin(y + h)  # z_1
+        n_out = W.shape[0]
+        dense_per = B * D * n_out + (B * n_out if bias is not None else 0)
+        cost = dense_per
+        active = torch.arange(B)
+        rows_hist, frac_hist = [B], [1.0]
+        converged = False
+        zeros = torch.zeros((), dtype=z.dtype)
+        for _ in range(1, max_iter):
+            a = z.index_select(0, active) + g.index_select(0, active)  # (A, D) layer input
+            ap = a_prev.index_select(0, active)
+            d = a - ap
+            fired = d.abs() > threshold
+            keep = fired.any(dim=1)
+            a_prev.index_copy_(0, active, a if memory == "reset" else torch.where(fired, a, ap))
+            cost += active.numel() * D  # the subtraction, active samples only
+            sel = keep.nonzero().squeeze(1)
+            rows = active.index_select(0, sel)
+            nnz = int(fired.sum())
+            cost += nnz * n_out
+            rows_hist.append(int(rows.numel()))
+            frac_hist.append(nnz / (B * D))
+            if rows.numel() == 0:
+                converged = True
+                break
+            sub, d_r, W_c = fired.index_select(0, sel), d.index_select(0, sel), W
+            cols = sub.any(dim=0).nonzero().squeeze(1)
+            if cols.numel() < D:
+                sub, d_r, W_c = sub.index_select(1, cols), d_r.index_select(1, cols), W.index_select(1, cols)
+            y.index_add_(0, rows, torch.where(sub, d_r, zeros) @ W_c.T)
+            y_r, h_r = y.index_select(0, rows), h.index_select(0, rows)
+            z_new = h_r * y_r if fourier else torch.sin(y_r + h_r)
+            change = (z_new - z.index_select(0, rows)).norm(dim=1)
+            rel = change / z_new.norm(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
+            z.index_copy_(0, rows, z_new)
+            active = rows
+            if bool((rel <= tol).all()):
+                converged = True
+                break
+        iterations = len(rows_hist)
+        out = model.readout(z)
+    return CompactRun(out, z, iterations, rows_hist, frac_hist, dense_per * iterations, cost,
+                      converged)
+
+
+def time_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter: int,
+                 tol: float = 1e-3, repeats: int = 11, warmup: int = 2,
+                 memory: str = "reset") -> Dict[str, Any]:
+    """Wall-clock of :func:`delta_picard_compact` against the dense Picard iteration run for
+    the same number of evaluations (``max_iter``, no early exit), medians of ``repeats`` runs
+    after ``warmup``, interleaved. Returns seconds, speedup and the compact run's iterations.
+    """
+    model.eval()
+
+    def dense() -> float:
+        with torch.no_grad(), parametrize.cached():
+            t0 = time.perf_counter()
+            g, h = model.injection(x)
+            W, b = model.layer.weight, model.layer.bias
+            z = torch.zeros(x.shape[0], model.width, dtype=g.dtype)
+            for _ in range(max_iter):
+                y = F.linear(z + g, W, b)
+                z = h * y if model.kind == "fourier" else torch.sin(y + h)
+            model.readout(z)
+            return time.perf_counter() - t0
+
+    def compact() -> Tuple[float, CompactRun]:
+        t0 = time.perf_counter()
+        run = delta_picard_compact(model, x, threshold, max_iter=max_iter, tol=tol, memory=memory)
+        return time.perf_counter() - t0, run
+
+    td, tc = [], []
+    run = None
+    for i in range(warmup + repeats):
+        a = dense()
+        b, run = compact()
+        if i >= warmup:
+            td.append(a)
+            tc.append(b)
+    md, mc = float(np.median(td)), float(np.median(tc))
+    assert run is not None
+    return {"threshold": float(threshold), "dense_seconds": md, "delta_seconds": mc,
+            "speedup": md / mc, "dense_iterations": max_iter, "delta_iterations": run.iterations,
+            "dense_runs": td, "delta_runs": tc,
+            "mac_reduction": 1.0 - run.cost / run.dense_macs}

@@ -7,7 +7,7 @@
 - ``grid`` maps each parameter name to the values the slider offers.
 
 ``explorer.figure()`` computes every setting of the grid once and bakes them into one
-plotly figure (frames + slider): it works in the static HTML book with no kernel.
+plotly figure (one slider step per setting): it works in the static HTML book with no kernel.
 ``explorer.widget()`` is the live front end (ipywidgets + plotly FigureWidget): it calls
 ``compute`` again whenever a slider moves. ``explorer.show()`` picks one of the two.
 """
@@ -50,7 +50,7 @@ def want_live() -> bool:
 
 @dataclass
 class Explorer:
-    """A parameter explorer with a static (plotly frames) and a live (ipywidgets) front end.
+    """A parameter explorer with a static (baked slider steps) and a live (ipywidgets) front end.
 
     Args:
         compute: ``compute(**params) -> result`` for one setting of the parameters.
@@ -67,7 +67,7 @@ class Explorer:
     Example:
         >>> ex = Explorer(lambda a: a, {"a": [1.0, 2.0]},
         ...               lambda a: go.Figure(go.Scatter(x=[0, 1], y=[0, a])))
-        >>> len(ex.figure().frames)
+        >>> len(ex.figure().layout.sliders[0].steps)
         2
     """
 
@@ -109,7 +109,7 @@ class Explorer:
         """The figure of one setting (no slider)."""
         fig = go.Figure(self.render(self.result(**params)))
         if self.title:
-            fig.update_layout(title=self.title.format(**params))
+            fig.update_layout(title_text=self.title.format(**params))
         if fig.layout.template is None or fig.layout.template.layout.colorway is None:
             fig.update_layout(template=register())
         return fig
@@ -121,7 +121,7 @@ class Explorer:
 
     # ---- static front end ------------------------------------------------------------
     def figure(self) -> go.Figure:
-        """A static figure with one slider step per setting (plotly frames, no kernel needed)."""
+        """A static figure with one slider step per setting (data baked in, no kernel needed)."""
         settings = self.settings()
         figs = [self.figure_for(**p) for p in settings]
         n_traces = {len(f.data) for f in figs}
@@ -133,21 +133,20 @@ class Explorer:
         labels = [self._label(p) for p in settings]
         active = settings.index(dict(self.initial)) if dict(self.initial) in settings else 0
         fig = go.Figure(figs[active])
-        frames = []
-        for label, f in zip(labels, figs):
-            layout = {"title": f.layout.title} if f.layout.title.text is not None else {}
-            frames.append(go.Frame(name=label, data=f.data, layout=layout))
-        fig.frames = frames
         if self.fixed_axes:
             self._fix_axes(fig, figs)
+        # Each slider step restyles every trace with that setting's full data (method
+        # "update": synchronous, no animation machinery, so quick slider moves never leave
+        # half-drawn traces behind).
+        keys = sorted({k for f in figs for tr in f.data for k in tr.to_plotly_json()} - {"type", "uid"})
+        steps = []
+        for label, f in zip(labels, figs):
+            traces = [tr.to_plotly_json() for tr in f.data]
+            restyle = {k: [tr.get(k) for tr in traces] for k in keys}
+            relayout = {"title.text": f.layout.title.text} if f.layout.title.text is not None else {}
+            steps.append(dict(method="update", label=label, args=[restyle, relayout]))
         prefix = f"{next(iter(self.grid))} = " if len(self.grid) == 1 else ""
-        now = dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))
-        slider = dict(
-            active=active,
-            currentvalue=dict(prefix=prefix),
-            pad=dict(t=50),
-            steps=[dict(method="animate", label=label, args=[[label], now]) for label in labels],
-        )
+        slider = dict(active=active, currentvalue=dict(prefix=prefix), pad=dict(t=50), steps=steps)
         fig.update_layout(sliders=[slider])
         margin_b = (fig.layout.margin.b or 50) + 60
         fig.update_layout(margin=dict(b=margin_b))

@@ -181,6 +181,7 @@ def iterate_figure(
     fig.update_xaxes(title_text="step k", row=1, col=2)
     fig.update_yaxes(title_text="relative residual" if kind == "rel" else "residual", type="log",
                      exponentformat="power", row=1, col=2)
-    fig.update_layout(template=register(), title=title, height=height,
-                      legend=dict(orientation="h", y=-0.2, x=0))
+    fig.update_layout(template=register(), title=dict(text=title, x=0, xanchor="left"), height=height,
+                      legend=dict(orientation="h", y=1.12, yanchor="bottom", x=1, xanchor="right"),
+                      margin=dict(t=100))
     return fig
