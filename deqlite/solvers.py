@@ -261,53 +261,56 @@ class Anderson(Solver):
             raise ValueError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
 
     def init(self, z0):
-        # plain lists, not an in-place ring buffer, so that autograd can run through
-        # the iterations (the ``unrolled`` backward strategy)
-        return {"X": [], "F": [], "G": [], "H": None}
+        # the history is re-stacked (torch.cat), never written in place, so autograd can
+        # run through the iterations (the ``unrolled`` backward strategy)
+        return {"X": None, "F": None, "G": None, "H": None}
 
     def step(self, f, z, fz, state):
-        keep = self.m - 1  # slots left for the history once z joins
+        keep = self.m - 1  # history slots kept once the new pair joins
         g = fz - z
-        X = (state["X"][-keep:] if keep else []) + [z]
-        F = (state["F"][-keep:] if keep else []) + [fz]
-        Gs = (state["G"][-keep:] if keep else []) + [g]
-        h = len(X)
-        # Gram matrix H_ij = <g_i, g_j>, kept incrementally: one new row per step. Tiny
-        # batched matmuls are slow on CPU; h elementwise dot products are not. The (h x h)
-        # algebra runs in float64 so a float32 state cannot make it singular.
-        dots = torch.stack([(gi * g).sum(-1) for gi in Gs], -1).double()  # (B, h)
+        X, F, G = (_push(state[k], v, keep) for k, v in (("X", z), ("F", fz), ("G", g)))  # (B, h, n)
+        h = X.shape[1]
+        # Gram matrix H_ij = <g_i, g_j>, kept incrementally: one new row per step, as an
+        # elementwise product (tiny batched matmuls are slow on CPU). The (h x h) algebra
+        # runs in float64 so a float32 state cannot make it singular.
+        dots = (G * g.unsqueeze(1)).sum(-1).double()  # (B, h)
         H_old = state["H"]
-        H = dots.new_zeros(dots.shape[0], h, h)
-        if H_old is not None and h > 1:
-            H[:, :-1, :-1] = H_old[:, -(h - 1):, -(h - 1):]
-        H[:, -1, :] = dots
-        H[:, :, -1] = dots
-        state = {"X": X, "F": F, "G": Gs, "H": H}
+        if H_old is None or h == 1:
+            H = dots.unsqueeze(-1)
+        else:
+            prev = H_old[:, -(h - 1):, -(h - 1):]
+            H = torch.cat([torch.cat([prev, dots[:, :-1, None]], 2), dots[:, None, :]], 1)
+        state = {"X": X, "F": F, "G": G, "H": H}
         if h == 1:  # nothing to mix yet: a (damped) plain step
             return torch.lerp(z, fz, self.beta), state
-        diag = torch.diagonal(H, dim1=1, dim2=2)
+        diag = torch.diagonal(H, dim1=1, dim2=2)  # ||g_i||^2
         if self.scale_ridge:
-            lam = self.ridge * diag.mean(-1).clamp_min(torch.finfo(torch.float64).tiny)  # (B,)
+            lam = self.ridge * diag.mean(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
         else:
-            lam = torch.full_like(diag[:, 0], self.ridge)
-        # bordered system [[0, 1^T], [1, H + lam I]] [nu, alpha] = [1, 0]: weights summing to one
-        A = H.new_zeros(H.shape[0], h + 1, h + 1)
-        A[:, 0, 1:] = 1.0
-        A[:, 1:, 0] = 1.0
-        A[:, 1:, 1:] = H + lam[:, None, None] * torch.eye(h, dtype=H.dtype, device=H.device)
-        rhs = H.new_zeros(H.shape[0], h + 1)
-        rhs[:, 0] = 1.0
-        sol, info = torch.linalg.solve_ex(A, rhs)
-        # a singular system (possible only with ridge=0): fall back to the newest pair
-        newest = torch.zeros_like(sol[:, 1:])
-        newest[:, -1] = 1.0
-        bad = (info != 0) | ~torch.isfinite(sol).all(-1)
-        alpha = torch.where(bad[:, None], newest, sol[:, 1:]).to(z.dtype)  # (B, h)
-        mixed_f = sum(alpha[:, i:i + 1] * F[i] for i in range(h))
+            lam = torch.full_like(diag[:, :1], self.ridge)
+        # min ||G^T alpha||^2 + lam ||alpha||^2 s.t. sum(alpha) = 1 has the solution
+        # alpha = y / sum(y) with (H + lam I) y = 1 (the bordered system, eliminated)
+        y, info = torch.linalg.solve_ex(torch.diagonal_scatter(H, diag + lam, dim1=1, dim2=2),
+                                        torch.ones_like(dots))
+        alpha = y / y.sum(-1, keepdim=True)
+        bad = (info != 0) | ~torch.isfinite(alpha).all(-1)
+        if bool(bad.any()):  # singular (only possible with ridge=0): use the newest pair
+            newest = torch.zeros_like(alpha)
+            newest[:, -1] = 1.0
+            alpha = torch.where(bad[:, None], newest, alpha)
+        alpha = alpha.to(z.dtype).unsqueeze(-1)  # (B, h, 1)
+        mixed_f = (alpha * F).sum(1)
         if self.beta == 1.0:
             return mixed_f, state
-        mixed_z = sum(alpha[:, i:i + 1] * X[i] for i in range(h))
+        mixed_z = (alpha * X).sum(1)
         return torch.lerp(mixed_z, mixed_f, self.beta), state
+
+
+def _push(hist: Optional[Tensor], new: Tensor, keep: int) -> Tensor:
+    """Append ``new`` (B, n) to a (B, h, n) history, keeping the last ``keep`` old entries."""
+    if hist is None or keep == 0:
+        return new.unsqueeze(1)
+    return torch.cat([hist[:, -keep:], new.unsqueeze(1)], 1)
 
 
 @register_solver("broyden")
@@ -542,7 +545,7 @@ def solve(
         z = z0.detach().reshape(B, -1).clone()
         state = slv.init(z)
         tiny = torch.finfo(z.dtype).tiny
-        best_z = z.clone()
+        best_z = z
         best_res = torch.full((B,), math.inf, dtype=z.dtype, device=z.device)
         best_step = torch.full((B,), -1, dtype=torch.long, device=z.device)
         diverged = torch.zeros(B, dtype=torch.bool, device=z.device)
@@ -563,36 +566,41 @@ def solve(
                 if fz.dtype != z.dtype:
                     raise TypeError(f"f changed the dtype: z is {z.dtype}, f(z) is {fz.dtype}")
             fz = fz.reshape(B, -1)
-            res_abs = (fz - z).norm(dim=1)  # (B,)
-            f_norm = fz.norm(dim=1)
-            res_rel = res_abs / f_norm.clamp_min(tiny)
-            # z is finite (checked last step), so a non-finite entry of f(z) shows up in
-            # one of these norms: no extra pass over the state
-            finite = torch.isfinite(res_abs) & torch.isfinite(f_norm)
-            if any_diverged:  # frozen samples: record a gap, not a repeated residual
-                nan = torch.full_like(res_abs, math.nan)
-                res_abs = torch.where(diverged, nan, res_abs)
-                res_rel = torch.where(diverged, nan, res_rel)
-                finite = finite & ~diverged
+            res_abs = torch.linalg.vector_norm(fz - z, dim=1)  # (B,)
+            res_rel = res_abs / torch.linalg.vector_norm(fz, dim=1).clamp_min(tiny)
             res = res_rel if stop == "rel" else res_abs
+            # z is finite (checked last step), so a non-finite entry of f(z) makes both
+            # residuals non-finite (inf/inf = nan): no extra pass over the state
+            if any_diverged:  # frozen samples: record a gap, not a repeated residual
+                res_abs = res_abs.masked_fill(diverged, math.nan)
+                res_rel = res_rel.masked_fill(diverged, math.nan)
+                res = res_rel if stop == "rel" else res_abs
             abs_rows.append(res_abs)
             rel_rows.append(res_rel)
             if iterates is not None:
                 iterates.append(z.view(shape).clone())
-            better = finite & (res < best_res)
-            best_res = torch.where(better, res, best_res)
-            best_z = torch.where(better[:, None], z, best_z)
-            best_step = torch.where(better, torch.full_like(best_step, k), best_step)
+            better = res < best_res  # False for nan: non-finite iterates are never "best"
+            if bool(better.all()):  # the common case: no copy, z is never modified in place
+                best_z, best_res = z, res
+                best_step.fill_(k)
+            else:
+                best_z = torch.where(better[:, None], z, best_z)
+                best_res = torch.where(better, res, best_res)
+                best_step.masked_fill_(better, k)
             if callback is not None:
                 callback(StepInfo(k, z.view(shape), fz.view(shape), res_abs, res_rel, nfe))
-            new_div = ~finite & ~diverged
-            if bool(new_div.any()):
-                # a sample produced inf/nan: freeze it at its best finite iterate and let the
-                # others go on (samples never mix, so its NaNs cannot reach them)
-                diverged = diverged | new_div
-                any_diverged = True
-            done = (best_res <= tol) | diverged
-            if bool(done.all()) or k == max_iter - 1:
+            finite = torch.isfinite(res)
+            if not bool(finite.all()):
+                new_div = ~finite & ~diverged
+                if bool(new_div.any()):
+                    # a sample produced inf/nan: freeze it at its best finite iterate and let
+                    # the others go on (samples never mix, so its NaNs cannot reach them)
+                    diverged = diverged | new_div
+                    any_diverged = True
+            done = best_res <= tol
+            if any_diverged:
+                done = done | diverged
+            if k == max_iter - 1 or bool(done.all()):
                 break
             z_next, state = slv.step(f_flat, z, fz, state)
             z = torch.where(diverged[:, None], best_z, z_next) if any_diverged else z_next
