@@ -1,0 +1,35 @@
+"""The README's example and the docstring examples of the core modules run as written."""
+import doctest
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE = ["deqlite.solvers", "deqlite.deq", "deqlite.regularize", "deqlite.diagnostics",
+        "deqlite.models.mlp"]
+
+
+def test_readme_using_deqlite_example_runs(capsys):
+    text = (ROOT / "README.md").read_text()
+    assert "## Using deqlite" in text, "README.md needs its 'Using deqlite' section"
+    section = text.split("## Using deqlite", 1)[1]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert blocks, "the 'Using deqlite' section has no python example"
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    exec(compile(blocks[0], "README.md", "exec"), {"__name__": "readme"})
+    out = capsys.readouterr().out
+    assert "converged" in out and "NOT locally contractive" in out
+
+
+@pytest.mark.parametrize("name", CORE)
+def test_docstring_examples(name):
+    torch.set_num_threads(1)
+    mod = importlib.import_module(name)
+    res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+                          extraglobs={"torch": torch, "nn": torch.nn})
+    assert res.attempted > 0, f"{name} has no docstring examples"
+    assert res.failed == 0, f"{res.failed} docstring example(s) failed in {name}"
