@@ -31,8 +31,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
+# jupyter-cache keys a chapter on its own code only: when deqlite's source changes, drop
+# the cache so every chapter runs again against the new library.
+SRC_HASH = $(shell find deqlite -name '*.py' -not -path '*/__pycache__/*' | LC_ALL=C sort | xargs cat | sha1sum | cut -c1-40)
+
 build: setup
+	@mkdir -p _build
+	@if [ "$$(cat _build/.deqlite-src-hash 2>/dev/null)" != "$(SRC_HASH)" ]; then \
+		echo "deqlite changed: clearing the notebook execution cache"; rm -rf _build/.jupyter_cache; fi
 	$(BUILD_CMD)
+	@echo "$(SRC_HASH)" > _build/.deqlite-src-hash
 
 book: build
 	@echo

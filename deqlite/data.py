@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["camera_image", "image_coordinates", "load_digits_tensors"]
+__all__ = ["camera_image", "image_coordinates", "load_digits_tensors", "pan_windows"]
 
 
 def image_coordinates(size: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -87,3 +87,31 @@ def load_digits_tensors(test_size: float = 0.25, seed: int = 0,
     to = lambda a: torch.as_tensor((a - mean) / std, dtype=dtype)  # noqa: E731
     return (to(Xtr), torch.as_tensor(ytr, dtype=torch.long), to(Xte),
             torch.as_tensor(yte, dtype=torch.long))
+
+
+def pan_windows(size: int, window: int, n_frames: int, step: int = 1) -> list:
+    """Index sets of a square window panning right across a ``size x size`` row-major grid:
+    a sequence of related inputs (like consecutive video frames) for fixed-point reuse.
+
+    Returns: ``n_frames`` long tensors of shape ``(window * window,)``; frame ``t`` covers
+    rows ``[r0, r0 + window)`` and columns ``[t * step, t * step + window)``, with the window
+    centred vertically. Index ``coords[idx]`` and ``pixels[idx]`` with them.
+
+    Example:
+        >>> [w.tolist() for w in pan_windows(3, 2, 2)]
+        [[0, 1, 3, 4], [1, 2, 4, 5]]
+    """
+    for name, v in (("size", size), ("window", window), ("n_frames", n_frames), ("step", step)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if window + step * (n_frames - 1) > size:
+        raise ValueError(f"the window leaves the image: window + step * (n_frames - 1) = "
+                         f"{window + step * (n_frames - 1)} > size = {size}; use fewer frames, a "
+                         f"smaller step or a smaller window")
+    r0 = (size - window) // 2
+    rows = torch.arange(r0, r0 + window)
+    out = []
+    for t in range(n_frames):
+        cols = torch.arange(t * step, t * step + window)
+        out.append((rows[:, None] * size + cols[None, :]).reshape(-1))
+    return out

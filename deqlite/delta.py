@@ -140,6 +140,18 @@ class DeltaLayer:
         self._a_prev = None
         self._y_prev = None
 
+    def reindex_cache(self, index: Tensor) -> None:
+        """Reorder the cached samples: row ``i`` of the next input continues from cached row
+        ``index[i]`` (e.g. a window that moved, so a pixel sits at a new batch position).
+        ``index`` is a ``(B_new,)`` long tensor; no-op when the cache is empty."""
+        if self._a_prev is None or self._y_prev is None:
+            return
+        if index.dim() != 1 or index.dtype != torch.long:
+            raise ValueError(f"index must be a 1-D long tensor of batch positions, got "
+                             f"shape {tuple(index.shape)} and dtype {index.dtype}")
+        self._a_prev = self._a_prev.index_select(0, index)
+        self._y_prev = self._y_prev.index_select(0, index)
+
     def clear_records(self) -> None:
         """Drop the per-call MAC records."""
         self.records = []

@@ -9,9 +9,12 @@
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +121,28 @@ def train_classifier(model: nn.Module, X: Tensor, y: Tensor, *, epochs: int = 10
     return TrainResult(losses, accuracy(model, X, y), test_acc, seconds, steps, history)
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for a moment: the profiler's C++ side logs a line
+    at every start and stop (``profiler_start`` / ``profiler_stop``), which would clutter
+    notebook outputs. Python exceptions are unaffected (they are raised, not printed)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable fd 2 (some embedded interpreters): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            sys.stderr.flush()
+            os.dup2(null.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
 def peak_memory(fn: Callable[[], Any]) -> int:
     """Peak bytes of tensor memory allocated by ``fn()`` above what was allocated before it.
 
@@ -135,7 +160,7 @@ def peak_memory(fn: Callable[[], Any]) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
                     if e.self_cpu_memory_usage)

@@ -32,7 +32,8 @@ from ..solvers import SolverTrace, solve
 
 __all__ = ["DEQINR", "DEQFourier", "DEQSiren", "SpectralScale", "psnr", "fit_inr", "FitResult",
            "evaluate_delta", "DeltaEval", "time_iterations", "IterationTiming",
-           "delta_picard_compact", "CompactRun", "time_compact"]
+           "delta_picard_compact", "CompactRun", "time_compact", "render_sequence",
+           "SequenceRun", "follow_pixels", "time_sequence"]
 
 
 class SpectralScale(nn.Module):
@@ -426,10 +427,19 @@ class CompactRun:
     dense_macs: int
     cost: int
     converged: bool
+    state: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+
+    def warm_state(self, index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(z, a_prev, y_prev)`` to continue from, rows picked by ``index`` (optional)."""
+        assert self.state is not None
+        if index is None:
+            return self.state
+        return tuple(t.index_select(0, index) for t in self.state)  # type: ignore[return-value]
 
 
 def delta_picard_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter: int = 100,
-                         tol: float = 1e-3, memory: str = "reset") -> CompactRun:
+                         tol: float = 1e-3, memory: str = "reset",
+                         warm: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> CompactRun:
     """Picard iteration ``z <- f(z)`` of an INR with the delta rule, skipping frozen samples.
 
     Under plain (Picard) iteration a sample whose layer input fired nowhere gets the same
@@ -443,6 +453,11 @@ def delta_picard_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter
 
     Stops when no sample is active, when every active sample's relative change
     ``||z_{k+1} - z_k|| / ||z_{k+1}||`` is ``<= tol``, or after ``max_iter`` evaluations.
+
+    ``warm=(z0, a_prev, y_prev)`` (e.g. ``run.warm_state()`` of the previous frame, rows
+    reordered to follow the pixels) starts from ``z0`` with the layer cache ``(a_prev,
+    y_prev)`` instead of a dense first call; the first step then updates every sample (their
+    filters may have changed), later steps only the active ones.
     """
     threshold = float(threshold)
     if not threshold >= 0 or not math.isfinite(threshold):
@@ -458,43 +473,80 @@ def delta_picard_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter
         D = model.width
         g, h = model.injection(x)
         B = x.shape[0]
-        a_prev = g.clone()  # layer input at z_0 = 0
-        y = F.linear(a_prev, W, bias)  # first call: dense, (B, D)
-        z = h * y if fourier else torch.sin(y + h)  # z_1
         n_out = W.shape[0]
         dense_per = B * D * n_out + (B * n_out if bias is not None else 0)
-        cost = dense_per
+        if warm is None:
+            a_prev = g.clone()  # layer input at z_0 = 0 (owned: updated in place later)
+            y = F.linear(a_prev, W, bias)  # first call: dense, (B, D)
+            z = h * y if fourier else torch.sin(y + h)  # z_1
+            cost = dense_per
+            rows_hist, frac_hist = [B], [1.0]
+            force_all = False
+        else:
+            z0, a0, y0 = warm
+            if z0.shape != (B, D) or a0.shape != (B, D) or y0.shape != (B, n_out):
+                raise ValueError(f"warm must hold (z0, a_prev, y_prev) of shapes ({B}, {D}), "
+                                 f"({B}, {D}), ({B}, {n_out}); got {tuple(z0.shape)}, "
+                                 f"{tuple(a0.shape)}, {tuple(y0.shape)}")
+            z, a_prev, y = z0.clone(), a0.clone(), y0.clone()
+            cost = 0
+            rows_hist, frac_hist = [], []
+            force_all = True  # z0 need not equal f's output under the new filters
         active = torch.arange(B)
-        rows_hist, frac_hist = [B], [1.0]
         converged = False
         zeros = torch.zeros((), dtype=z.dtype)
-        for _ in range(1, max_iter):
-            a = z.index_select(0, active) + g.index_select(0, active)  # (A, D) layer input
-            ap = a_prev.index_select(0, active)
+        for _ in range(len(rows_hist), max_iter):
+            # While every sample is active, work on the full tensors: gathers would only add
+            # memory traffic.
+            full = active.numel() == B
+            pick = (lambda t: t) if full else (lambda t: t.index_select(0, active))  # noqa: E731
+            a = pick(z) + pick(g)  # (A, D) layer input
+            ap = pick(a_prev)
             d = a - ap
             fired = d.abs() > threshold
             keep = fired.any(dim=1)
-            a_prev.index_copy_(0, active, a if memory == "reset" else torch.where(fired, a, ap))
+            a_new = a if memory == "reset" else torch.where(fired, a, ap)
+            if full:
+                a_prev = a_new
+            else:
+                a_prev.index_copy_(0, active, a_new)
             cost += active.numel() * D  # the subtraction, active samples only
-            sel = keep.nonzero().squeeze(1)
-            rows = active.index_select(0, sel)
             nnz = int(fired.sum())
             cost += nnz * n_out
+            all_kept = bool(keep.all()) or force_all
+            force_all = False
+            if all_kept:
+                rows, sub, d_r = active, fired, d
+            else:
+                sel = keep.nonzero().squeeze(1)
+                rows = active.index_select(0, sel)
+                sub, d_r = fired.index_select(0, sel), d.index_select(0, sel)
             rows_hist.append(int(rows.numel()))
             frac_hist.append(nnz / (B * D))
             if rows.numel() == 0:
                 converged = True
                 break
-            sub, d_r, W_c = fired.index_select(0, sel), d.index_select(0, sel), W
+            W_c = W
             cols = sub.any(dim=0).nonzero().squeeze(1)
             if cols.numel() < D:
                 sub, d_r, W_c = sub.index_select(1, cols), d_r.index_select(1, cols), W.index_select(1, cols)
-            y.index_add_(0, rows, torch.where(sub, d_r, zeros) @ W_c.T)
-            y_r, h_r = y.index_select(0, rows), h.index_select(0, rows)
-            z_new = h_r * y_r if fourier else torch.sin(y_r + h_r)
-            change = (z_new - z.index_select(0, rows)).norm(dim=1)
+            dy = torch.where(sub, d_r, zeros) @ W_c.T
+            if full and all_kept:
+                y = y + dy
+                z_new = h * y if fourier else torch.sin(y + h)
+                change = (z_new - z).norm(dim=1)
+                z_old_needed = False
+            else:
+                y.index_add_(0, rows, dy)
+                y_r, h_r = y.index_select(0, rows), h.index_select(0, rows)
+                z_new = h_r * y_r if fourier else torch.sin(y_r + h_r)
+                change = (z_new - z.index_select(0, rows)).norm(dim=1)
+                z_old_needed = True
             rel = change / z_new.norm(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
-            z.index_copy_(0, rows, z_new)
+            if z_old_needed:
+                z.index_copy_(0, rows, z_new)
+            else:
+                z = z_new
             active = rows
             if bool((rel <= tol).all()):
                 converged = True
@@ -502,7 +554,7 @@ def delta_picard_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter
         iterations = len(rows_hist)
         out = model.readout(z)
     return CompactRun(out, z, iterations, rows_hist, frac_hist, dense_per * iterations, cost,
-                      converged)
+                      converged, (z, a_prev, y))
 
 
 def time_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter: int,
@@ -545,3 +597,164 @@ def time_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter: int,
             "speedup": md / mc, "dense_iterations": max_iter, "delta_iterations": run.iterations,
             "dense_runs": td, "delta_runs": tc,
             "mac_reduction": 1.0 - run.cost / run.dense_macs}
+
+
+def follow_pixels(n_pixels: int, idx_prev: Tensor, idx: Tensor) -> Tensor:
+    """For each pixel of the new frame ``idx``, its batch position in the previous frame
+    ``idx_prev``; a pixel that is new keeps its own batch position. ``(len(idx),)`` long."""
+    where_prev = torch.full((n_pixels,), -1, dtype=torch.long)
+    where_prev[idx_prev] = torch.arange(idx_prev.numel())
+    src = where_prev[idx]
+    return torch.where(src >= 0, src, torch.arange(idx.numel()))
+
+
+@dataclass
+class SequenceRun:
+    """Per-frame results of :func:`render_sequence` (lists of length ``n_frames``).
+
+    ``cost``: MACs performed (plus subtractions) in the iterations, plus the fixed MACs of
+    each frame; ``dense_cold_cost`` the same for dense iterations would need the baseline run.
+    """
+
+    psnr: List[float]
+    iterations: List[int]
+    cost: List[int]
+
+    @property
+    def total_cost(self) -> int:
+        return int(sum(self.cost))
+
+    @property
+    def total_iterations(self) -> int:
+        return int(sum(self.iterations))
+
+
+def render_sequence(model: DEQINR, coords: Tensor, pixels: Tensor, frames: List[Tensor], *,
+                    threshold: Optional[float] = None, reuse: bool = False,
+                    memory: str = "reset", solver: str = "km", tol: float = 1e-3,
+                    max_iter: int = 100, align: bool = True,
+                    **solver_options: Any) -> SequenceRun:
+    """Render a sequence of related inputs (e.g. :func:`deqlite.data.pan_windows`).
+
+    ``reuse=True`` starts each frame's solve from the previous frame's fixed point and, with
+    the delta rule on (``threshold`` not None), keeps the layer's cache across frames, so the
+    first iteration of a frame is already a delta against the last one of the previous frame.
+    With ``align=True`` the state and the cache follow the pixels: a pixel seen in the
+    previous frame starts from its own fixed point wherever it now sits in the batch; a new
+    pixel starts from the previous frame's state at its batch position.
+    ``reuse=False`` starts every frame from zero with a fresh cache.
+    """
+    model.eval()
+    layer = model.layer
+    saved = {k: getattr(layer, k) for k in ("enabled", "threshold", "train_threshold",
+                                             "memory", "track")}
+    psnrs: List[float] = []
+    iters: List[int] = []
+    costs: List[int] = []
+    try:
+        layer.enabled = threshold is not None
+        if threshold is not None:
+            layer.threshold = layer.train_threshold = float(threshold)
+            layer.memory = memory
+        layer.track = True
+        reset_all(model)
+        z_prev: Optional[Tensor] = None
+        idx_prev: Optional[Tensor] = None
+        with torch.no_grad():
+            for idx in frames:
+                x = coords[idx]
+                n_before = len(layer.records)
+                z0 = z_prev if (reuse and z_prev is not None) else None
+                if z0 is not None and align and idx_prev is not None and idx.shape == idx_prev.shape:
+                    src = follow_pixels(coords.shape[0], idx_prev, idx)
+                    z0 = z0.index_select(0, src)
+                    layer.reindex_cache(src)
+                out, z_prev, trace = model(x, z0, solver=solver, tol=tol, max_iter=max_iter,
+                                           keep_cache=reuse, **solver_options)
+                new = layer.records[n_before:]
+                costs.append(sum(r.cost for r in new) + model.fixed_macs(x.shape[0]))
+                iters.append(trace.nfe)
+                psnrs.append(psnr(out, pixels[idx]))
+                idx_prev = idx
+    finally:
+        for k, v in saved.items():
+            setattr(layer, k, v)
+        layer.reset()
+        layer.clear_records()
+    return SequenceRun(psnrs, iters, costs)
+
+
+def time_sequence(model: DEQINR, coords: Tensor, pixels: Tensor, frames: List[Tensor],
+                  threshold: float, *, tol: float = 1e-3, max_iter: int = 100,
+                  repeats: int = 7, warmup: int = 1) -> Dict[str, Any]:
+    """Wall-clock of rendering a frame sequence with fixed-point reuse (states aligned to the
+    pixels), Picard iteration with early stopping (every sample's relative change ``<= tol``):
+    dense layer against the compact delta iteration (:func:`delta_picard_compact`, cache
+    carried across frames). Medians over ``repeats`` interleaved runs after ``warmup``.
+
+    Returns seconds, speedup, iterations and MACs of both, and the PSNR per frame.
+    """
+    model.eval()
+    n_pix = coords.shape[0]
+    fourier = model.kind == "fourier"
+
+    def dense() -> Tuple[float, List[int], List[float]]:
+        iters, ps = [], []
+        with torch.no_grad(), parametrize.cached():
+            t0 = time.perf_counter()
+            W, b = model.layer.weight, model.layer.bias
+            z_prev, idx_prev = None, None
+            for idx in frames:
+                g, h = model.injection(coords[idx])
+                z = torch.zeros(idx.numel(), model.width, dtype=g.dtype) if z_prev is None \
+                    else z_prev.index_select(0, follow_pixels(n_pix, idx_prev, idx))
+                for k in range(max_iter):
+                    y = F.linear(z + g, W, b)
+                    z_new = h * y if fourier else torch.sin(y + h)
+                    rel = (z_new - z).norm(dim=1) / z_new.norm(dim=1).clamp_min(1e-30)
+                    z = z_new
+                    if bool((rel <= tol).all()):
+                        break
+                iters.append(k + 1)
+                out = model.readout(z)
+                ps.append(out)
+                z_prev, idx_prev = z, idx
+            t = time.perf_counter() - t0
+        return t, iters, [psnr(o, pixels[i]) for o, i in zip(ps, frames)]
+
+    def delta() -> Tuple[float, List[CompactRun]]:
+        runs: List[CompactRun] = []
+        t0 = time.perf_counter()
+        prev, idx_prev = None, None
+        for idx in frames:
+            warm = None if prev is None else prev.warm_state(follow_pixels(n_pix, idx_prev, idx))
+            prev = delta_picard_compact(model, coords[idx], threshold, max_iter=max_iter, tol=tol,
+                                        warm=warm)
+            runs.append(prev)
+            idx_prev = idx
+        return time.perf_counter() - t0, runs
+
+    td, tc = [], []
+    d_iters: List[int] = []
+    d_psnr: List[float] = []
+    runs: List[CompactRun] = []
+    for i in range(warmup + repeats):
+        a, d_iters, d_psnr = dense()
+        b, runs = delta()
+        if i >= warmup:
+            td.append(a)
+            tc.append(b)
+    n_out = model.layer.out_features
+    B = frames[0].numel()
+    dense_per = B * model.width * n_out + B * n_out
+    dense_macs = dense_per * sum(d_iters)
+    delta_macs = sum(r.cost for r in runs)
+    skipped = [1 - sum(r.active_fraction) / max(len(r.active_fraction), 1) for r in runs]
+    md, mc = float(np.median(td)), float(np.median(tc))
+    return {"threshold": float(threshold), "frames": len(frames), "dense_seconds": md,
+            "delta_seconds": mc, "speedup": md / mc, "dense_iterations": d_iters,
+            "delta_iterations": [r.iterations for r in runs], "dense_macs": dense_macs,
+            "delta_macs": delta_macs, "mac_reduction": 1 - delta_macs / dense_macs,
+            "sparsity": float(np.mean(skipped)), "dense_psnr": d_psnr,
+            "delta_psnr": [psnr(r.output, pixels[i]) for r, i in zip(runs, frames)],
+            "dense_runs": td, "delta_runs": tc}

@@ -1,0 +1,137 @@
+"""Every chapter listed in _toc.yml is a test.
+
+For each notebook chapter (book/<name>.md paired with book/<name>.ipynb):
+- the pair has not drifted, and the .ipynb carries no outputs;
+- the chapter follows the format (install cell, parameters cell, asserts, glue, exercises,
+  citations; see book/CONTRIBUTING-chapters.md);
+- it runs under nbval (lax: the asserts in its cells carry the checks) within 60 s;
+- it runs once more through papermill with the parameter `seed` overridden, within 60 s;
+and the whole book runs under nbval within 5 minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+from deqlite._book.chapters import (INSTALL_CELL_TAGS, PARAMETERS_TAG, chapters,  # noqa: E402
+                                    install_cell_source)
+
+CHAPTER_BUDGET_S = 60.0
+BOOK_BUDGET_S = 300.0
+CHAPTERS = chapters(ROOT)
+IDS = [str(p.relative_to(ROOT).with_suffix("")) for p in CHAPTERS]
+NBVAL_TIMES: dict[str, float] = {}
+
+pytestmark = pytest.mark.book
+
+
+def _read(path: Path):
+    import jupytext
+
+    return jupytext.read(path)
+
+
+def _cells(nb) -> list[tuple[str, str, tuple[str, ...]]]:
+    return [(c.cell_type, c.source.strip(), tuple(c.metadata.get("tags", []))) for c in nb.cells]
+
+
+def _env() -> dict[str, str]:
+    # one kernel, two cores: keep torch from oversubscribing; never go live in tests
+    return {**os.environ, "DEQLITE_LIVE": "0", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+
+
+def test_toc_lists_chapters():
+    assert CHAPTERS, "_toc.yml lists no notebook chapter (book/<name>.md with a kernelspec)"
+    assert IDS[0] == "book/intro", "the introduction is the root of _toc.yml"
+
+
+@pytest.mark.parametrize("md", CHAPTERS, ids=IDS)
+def test_pair_in_sync(md: Path):
+    ipynb = md.with_suffix(".ipynb")
+    fix = "run `make sync-chapters` (or `jupytext --sync " + str(md.relative_to(ROOT)) + "`)"
+    assert ipynb.is_file(), f"{ipynb.relative_to(ROOT)} is missing: {fix}"
+    text_nb, ipynb_nb = _read(md), _read(ipynb)
+    formats = text_nb.metadata.get("jupytext", {}).get("formats", "")
+    assert set(formats.split(",")) == {"md:myst", "ipynb"}, f"jupytext formats are {formats!r}: {fix}"
+    a, b = _cells(text_nb), _cells(ipynb_nb)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x == y, f"cell {i} differs between {md.name} and {ipynb.name}: {fix}\n.md:    {x}\n.ipynb: {y}"
+    assert len(a) == len(b), f"{md.name} has {len(a)} cells, {ipynb.name} {len(b)}: {fix}"
+    with_outputs = [i for i, c in enumerate(ipynb_nb.cells)
+                    if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count"))]
+    assert not with_outputs, f"{ipynb.name} is committed with outputs in cells {with_outputs}: {fix}"
+
+
+@pytest.mark.parametrize("md", CHAPTERS, ids=IDS)
+def test_chapter_format(md: Path):
+    nb = _read(md)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    prose = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert code, "a chapter has code"
+    first = code[0]
+    assert first.source.strip() == install_cell_source(ROOT).strip(), (
+        "the first code cell must be the install cell built from _config.yml: run `make sync-chapters`")
+    assert set(INSTALL_CELL_TAGS) <= set(first.metadata.get("tags", [])), "tag the install cell remove-cell"
+    params = [c for c in code if PARAMETERS_TAG in c.metadata.get("tags", [])]
+    assert len(params) == 1, "exactly one code cell tagged `parameters` (papermill) holds the sizes"
+    assert re.search(r"^seed\s*=", params[0].source, re.M), "the parameters cell defines `seed`"
+    assert any(re.search(r"^\s*assert\b", c.source, re.M) for c in code), "claims are checked with assert"
+    assert "{glue" in prose, "numbers in the prose come from glue: {glue:text}`name`"
+    assert "{exercise}" in prose and "{solution}" in prose, "end with exercises and solutions"
+    assert "{cite" in prose, "cite sources from book/references.bib with {cite}`key`"
+    headings = [line for line in prose.splitlines() if line.startswith("# ")]
+    assert len(headings) == 1, f"one top-level title per chapter, found {headings}"
+
+
+@pytest.mark.parametrize("md", CHAPTERS, ids=IDS)
+def test_chapter_runs_under_nbval(md: Path):
+    ipynb = md.with_suffix(".ipynb")
+    cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider",
+           "--nbval-cell-timeout=120", "-o", "addopts=", str(ipynb)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=CHAPTER_BUDGET_S * 4)
+    elapsed = time.perf_counter() - start
+    NBVAL_TIMES[md.stem] = elapsed
+    assert proc.returncode == 0, f"nbval failed on {ipynb.name}:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+    assert elapsed < CHAPTER_BUDGET_S, f"{ipynb.name} took {elapsed:.1f} s under nbval (budget {CHAPTER_BUDGET_S:.0f} s)"
+
+
+@pytest.mark.parametrize("md", CHAPTERS, ids=IDS)
+def test_chapter_runs_with_papermill(md: Path, tmp_path: Path):
+    import papermill as pm
+
+    ipynb = md.with_suffix(".ipynb")
+    declared = pm.inspect_notebook(str(ipynb))
+    assert "seed" in declared, f"{ipynb.name}: the parameters cell must define `seed`"
+    default = declared["seed"]["default"]
+    new_seed = int(default) + 1 if str(default).lstrip("-").isdigit() else 1
+    out = tmp_path / ipynb.name
+    start = time.perf_counter()
+    os.environ["DEQLITE_LIVE"] = "0"
+    nb = pm.execute_notebook(str(ipynb), str(out), parameters={"seed": new_seed}, kernel_name="python3",
+                             cwd=str(md.parent), progress_bar=False, log_output=False)
+    elapsed = time.perf_counter() - start
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and f"seed = {new_seed}" in injected[0].source, "papermill did not inject the parameter"
+    assert elapsed < CHAPTER_BUDGET_S, f"{ipynb.name} took {elapsed:.1f} s under papermill (budget {CHAPTER_BUDGET_S:.0f} s)"
+
+
+def test_whole_book_budget():
+    missing = [md.stem for md in CHAPTERS if md.stem not in NBVAL_TIMES]
+    if missing:
+        pytest.skip(f"not every chapter ran under nbval in this session (missing {missing})")
+    total = sum(NBVAL_TIMES.values())
+    report = ", ".join(f"{k} {v:.1f} s" for k, v in NBVAL_TIMES.items())
+    print(f"\nchapter run times under nbval: {report}; total {total:.1f} s")
+    assert total < BOOK_BUDGET_S, f"the book took {total:.1f} s (budget {BOOK_BUDGET_S:.0f} s): {report}"

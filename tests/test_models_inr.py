@@ -1,0 +1,147 @@
+"""Tests of the DEQ INRs, the camera / digits data and the compact delta iteration."""
+import math
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from deqlite.data import camera_image, image_coordinates, load_digits_tensors
+from deqlite.delta import delta_mode, mac_summary
+from deqlite.models.inr import (DEQFourier, DEQSiren, delta_picard_compact, evaluate_delta,
+                                fit_inr, psnr, time_compact, time_iterations)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are small: on 2 cores, one thread is several times faster (less sync)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_camera_image_and_coordinates():
+    coords, pixels = camera_image(32)
+    assert coords.shape == (1024, 2) and pixels.shape == (1024, 1)
+    assert coords.min() == -1 and coords.max() == 1
+    assert -1 <= pixels.min() < -0.5 and 0.5 < pixels.max() <= 1  # uses the range
+    # row-major: the second coordinate is the row
+    assert coords[1].tolist() == pytest.approx([-1 + 2 / 31, -1.0])
+    with pytest.raises(ValueError, match="size must be an int in"):
+        camera_image(1000)
+    with pytest.raises(ValueError, match="size must be an int >= 2"):
+        image_coordinates(1)
+
+
+def test_load_digits_tensors():
+    Xtr, ytr, Xte, yte = load_digits_tensors(test_size=0.2, seed=1)
+    assert Xtr.shape[1] == 64 and Xtr.shape[0] + Xte.shape[0] == 1797
+    assert Xtr.dtype == torch.float32 and ytr.dtype == torch.long
+    assert Xtr.mean(0).abs().max() < 1e-5  # standardised on the training set
+    assert sorted(set(ytr.tolist())) == list(range(10))
+    with pytest.raises(ValueError, match="test_size"):
+        load_digits_tensors(test_size=2)
+
+
+def test_psnr():
+    assert psnr(torch.zeros(10), torch.full((10,), 0.1)) == pytest.approx(10 * math.log10(4 / 0.01))
+    assert psnr(torch.ones(3), torch.ones(3)) == math.inf
+    with pytest.raises(ValueError, match="same shape"):
+        psnr(torch.zeros(3), torch.zeros(4))
+
+
+@pytest.mark.parametrize("cls", [DEQFourier, DEQSiren])
+def test_spectral_norm_is_097(cls):
+    net = cls(width=24, resolution=16)
+    s = torch.linalg.matrix_norm(net.layer.weight.detach(), ord=2).item()
+    assert s == pytest.approx(0.97, rel=1e-5)
+
+
+def _fitted(kind=DEQFourier, steps=40):
+    torch.manual_seed(0)
+    coords, pixels = camera_image(16)
+    net = kind(width=32, resolution=16, freq_factor=0.5, seed=0)
+    fit = fit_inr(net, coords, pixels, steps=steps, lr=1e-2)
+    return net, coords, pixels, fit
+
+
+@pytest.mark.parametrize("kind", [DEQFourier, DEQSiren])
+def test_fit_improves_psnr_and_reuse_saves_iterations(kind):
+    net, coords, pixels, fit = _fitted(kind)
+    assert fit.psnr[-1] > fit.psnr[0] + 3
+    assert sum(fit.nfe[-10:]) / 10 < fit.nfe[0]  # warm starts need fewer iterations
+    net2 = kind(width=32, resolution=16, freq_factor=0.5, seed=0)
+    cold = fit_inr(net2, coords, pixels, steps=40, lr=1e-2, reuse=False)
+    assert sum(cold.nfe) > sum(fit.nfe)
+
+
+def test_training_solve_with_delta_rule_records_sparse_calls():
+    torch.manual_seed(0)
+    coords, pixels = camera_image(16)
+    net = DEQFourier(width=32, resolution=16, freq_factor=0.5)
+    fit = fit_inr(net, coords, pixels, steps=5, lr=1e-2, train_threshold=0.01, reuse=False)
+    s = mac_summary(net)
+    assert len(fit.psnr) == 5 and s.total_cost < s.total_dense
+    assert not net.layer.enabled  # delta_mode restored the setting
+
+
+def test_evaluate_delta_threshold_trades_macs_for_accuracy():
+    net, coords, pixels, _ = _fitted()
+    dense = evaluate_delta(net, coords, pixels, None)
+    zero = evaluate_delta(net, coords, pixels, 0.0)
+    big = evaluate_delta(net, coords, pixels, 0.1)
+    assert zero.psnr == pytest.approx(dense.psnr, abs=1e-3)
+    assert zero.iterations == dense.iterations
+    assert big.cost < zero.cost <= zero.dense_macs
+    assert big.reduction_vs(dense) > 0.3
+    assert dense.cost == dense.dense_macs  # the dense run performs every MAC
+    fired = evaluate_delta(net, coords, pixels, 0.05, record_fired=True).fired_per_dim
+    assert fired.shape[1] == 32
+
+
+@pytest.mark.parametrize("memory", ["reset", "accumulate"])
+@pytest.mark.parametrize("kind", [DEQFourier, DEQSiren])
+def test_compact_picard_equals_delta_layer_iteration(memory, kind):
+    torch.manual_seed(0)
+    coords, _ = camera_image(16)
+    net = kind(width=32, resolution=16, freq_factor=0.5).double()
+    x = coords.double()
+    run = delta_picard_compact(net, x, 0.05, max_iter=12, tol=0.0, memory=memory)
+    with torch.no_grad(), parametrize.cached(), delta_mode(net, 0.05, memory=memory):
+        g, h = net.injection(x)
+        z = torch.zeros(x.shape[0], 32, dtype=torch.float64)
+        for _ in range(run.iterations):
+            z = net.f(z, g, h)
+        s = mac_summary(net)
+    torch.testing.assert_close(run.z_star, z, rtol=0, atol=1e-12)
+    assert run.active_rows[0] == 256 and run.active_rows[-1] <= run.active_rows[1]
+    # the compact path performs the same MACs, and subtracts only for active samples
+    assert run.cost <= s.total_cost
+    # active_rows[k] samples are subtracted in step k + 1
+    assert run.cost - sum(n * 32 for n in run.active_rows[:-1]) == s.performed.sum()
+
+
+def test_timing_helpers_report_consistent_fields():
+    net, coords, pixels, _ = _fitted(steps=5)
+    t = time_iterations(net, coords, 0.05, n_iter=3, repeats=2, warmup=0)
+    assert len(t.dense_runs) == 2 and t.speedup == pytest.approx(t.dense_seconds / t.delta_seconds)
+    assert len(t.active_fraction) == 3 and t.active_fraction[0] == 1.0
+    assert not net.layer.enabled  # settings restored
+    c = time_compact(net, coords, 0.05, max_iter=4, repeats=2, warmup=0)
+    assert c["delta_iterations"] <= 4 and 0 < c["mac_reduction"] < 1
+
+
+def test_model_errors():
+    with pytest.raises(ValueError, match="kind must be"):
+        DEQFourier.__bases__[0]("mlp")
+    with pytest.raises(ValueError, match="width must be"):
+        DEQFourier(width=0)
+    net = DEQFourier(width=8, resolution=8)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 2\)"):
+        net(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="z0 must have shape"):
+        net(torch.zeros(3, 2), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="same number of rows"):
+        fit_inr(net, torch.zeros(3, 2), torch.zeros(4, 1))
+    with pytest.raises(ValueError, match="memory must be"):
+        delta_picard_compact(net, torch.zeros(3, 2), 0.1, memory="x")
