@@ -47,8 +47,13 @@ book: build
 	@echo "Book built. Open file://$(CURDIR)/_build/html/index.html"
 	@echo "(or serve it: $(BIN)/python -m http.server -d _build/html 8000)"
 
-test: build
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# The build and pytest both run even when the build fails (so one run reports everything);
+# the target fails when either failed.
+test: setup
+	@build=0; $(MAKE) --no-print-directory build || build=$$?; \
+	$(BIN)/python -m pytest $(PYTEST_ARGS); tests=$$?; \
+	if [ $$build -ne 0 ]; then echo "make test: the book build FAILED (see the warnings above)"; fi; \
+	if [ $$build -ne 0 ] || [ $$tests -ne 0 ]; then exit 1; fi
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not book and not browser" $(PYTEST_ARGS)

@@ -57,7 +57,8 @@ __all__ = [
     "ALPHA_MODES", "LOSS_WEIGHTS", "MLPInitializer", "ConvInitializer", "HyperAndersonNet",
     "LeastSquaresMixer", "HyperSolver", "normalize_alpha", "anderson_weights", "loss_weights",
     "unroll", "hyper_losses", "fixed_points", "train_hypersolver", "TrainLog", "hyper_solve",
-    "budget_curve", "matched_nfe", "count_parameters", "median_time",
+    "budget_curve", "matched_nfe", "count_parameters", "median_time", "budget_times",
+    "budget_snapshot", "steps_figure", "pareto_figure",
 ]
 
 ALPHA_MODES = ("shift", "softmax", "none")
@@ -100,15 +101,17 @@ def normalize_alpha(alpha_hat: Tensor, mode: str = "shift") -> Tensor:
     raise ValueError(f"alpha_mode must be one of {ALPHA_MODES}, got {mode!r}")
 
 
-def anderson_weights(G: Tensor, ridge: float = 1e-4, scale_ridge: bool = True) -> Tensor:
+def anderson_weights(G: Tensor, ridge: float = 1e-4, scale_ridge: bool = True,
+                     gram: Optional[Tensor] = None) -> Tensor:
     """Least-squares Anderson weights (Eq. 2): ``argmin ||G^T alpha||`` s.t. ``sum alpha = 1``.
 
     ``G`` is ``(B, T, n)`` (one residual per row); returns ``(B, T)`` in ``G``'s dtype. Solves
     the bordered system with the ridge scaled to the residual size, exactly as
-    :class:`deqlite.solvers.Anderson` does.
+    :class:`deqlite.solvers.Anderson` does. ``gram`` (``G G^T``, ``(B, T, T)``) skips its
+    recomputation.
     """
     B, T, _ = G.shape
-    H = torch.bmm(G, G.transpose(1, 2)).double()  # (B, T, T) Gram matrix
+    H = (torch.bmm(G, G.transpose(1, 2)) if gram is None else gram).double()  # (B, T, T) Gram matrix
     diag = torch.diagonal(H, dim1=1, dim2=2)
     if scale_ridge:
         lam = ridge * diag.mean(-1).clamp_min(torch.finfo(torch.float64).tiny)
@@ -219,10 +222,11 @@ class LeastSquaresMixer(nn.Module):
             raise ValueError(f"beta must be in (0, 1], got {beta!r}")
         self.beta, self.ridge, self.scale_ridge = float(beta), float(ridge), bool(scale_ridge)
 
-    def forward(self, G: Tensor, order: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def forward(self, G: Tensor, order: Optional[Tensor] = None,
+                gram: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """``G``: ``(B, T, n)`` residuals -> ``alpha_hat (B, T)`` (rows as in ``G``), ``beta (B,)``.
         Least squares does not care about the order of the rows, so ``order`` is unused."""
-        alpha = anderson_weights(G, self.ridge, self.scale_ridge)
+        alpha = anderson_weights(G, self.ridge, self.scale_ridge, gram=gram)
         return alpha, G.new_full((G.shape[0],), self.beta)
 
 
@@ -304,26 +308,30 @@ class HyperAndersonNet(nn.Module):
                              f"for (B, C, H, W) states build the net with channels=C")
         return G.reshape(B, T, C, n // C).mean(-1).to(self.conv1.weight.dtype)  # global pooling
 
-    def forward(self, G: Tensor, order: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def forward(self, G: Tensor, order: Optional[Tensor] = None,
+                gram: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """``G``: ``(B, T, n)`` residuals, ``1 <= T <= m + 1``; ``order`` ``(T,)`` lists its rows
-        oldest to newest (``None``: they already are). Returns ``alpha_hat`` ``(B, T)`` for the
-        rows of ``G`` and ``beta`` ``(B,)``, in ``G``'s dtype."""
+        oldest to newest (``None``: they already are); ``gram`` ``(B, T, T)``: ``G G^T`` if the
+        caller has it. Returns ``alpha_hat`` ``(B, T)`` for the rows of ``G`` and ``beta``
+        ``(B,)``, in ``G``'s dtype."""
         B, T, n = G.shape
         if not 1 <= T <= self.m + 1:
             raise ValueError(f"history length {T} outside 1..m+1 = 1..{self.m + 1}")
         c = self.compressed(G)  # (B, T, c)
         dt = c.dtype
         tiny = torch.finfo(dt).tiny
+        if gram is None:
+            gram = torch.bmm(G, G.transpose(1, 2))  # (B, T, T)
+        gram = gram.to(dt)
         # scale-free features: residuals shrink by orders of magnitude during a solve
         if c.shape[-1]:
             c = c / c.norm(dim=-1).amax(-1).clamp_min(tiny)[:, None, None]
-        gn = G.norm(dim=-1).to(dt)  # (B, T)
-        logr = torch.log(gn.clamp_min(tiny) / gn.amax(-1, keepdim=True).clamp_min(tiny)).clamp_min(-30.0)
+        sq = torch.diagonal(gram, dim1=1, dim2=2).clamp_min(tiny)  # (B, T) ||g_i||^2
+        top = sq.amax(-1, keepdim=True)
+        logr = (0.5 * torch.log(sq / top)).clamp_min(-30.0)  # log(||g_i|| / max_j ||g_j||)
         parts = [c, logr.unsqueeze(-1), torch.ones_like(logr).unsqueeze(-1)]
         if self.gram:  # <g_i, g_j> / max ||g||^2: what Anderson's least squares looks at (Eq. 2)
-            Gn = G / G.norm(dim=-1).amax(-1).clamp_min(torch.finfo(G.dtype).tiny)[:, None, None]
-            gram = torch.bmm(Gn, Gn.transpose(1, 2)).to(dt)  # (B, T, T)
-            parts.append(F.pad(gram, (self.m + 1 - T, 0)))  # (B, T, m+1), aligned like the slots
+            parts.append(F.pad(gram / top[:, :, None], (self.m + 1 - T, 0)))  # (B, T, m+1)
         feats = torch.cat(parts, -1)  # (B, T, features), rows of G
         if order is not None:  # per-row features are computed in storage order; now sort them
             feats = feats[:, order]
@@ -351,9 +359,10 @@ class HyperSolver(Solver):
     """HyperAnderson iterations (Alg. 2 of Bai, Koltun & Kolter 2022) as a deqlite solver.
 
     Fields:
-        mixer: ``mixer(G, order=None) -> (alpha_hat (B, T), beta (B,))`` for a ``(B, T, n)``
-            residual history whose rows are oldest to newest in the order ``order`` ``(T,)``
-            (``None``: as stored); a trained :class:`HyperAndersonNet`, or
+        mixer: ``mixer(G, order=None, gram=None) -> (alpha_hat (B, T), beta (B,))`` for a
+            ``(B, T, n)`` residual history whose rows are oldest to newest in the order
+            ``order`` ``(T,)`` (``None``: as stored), with ``gram = G G^T``; a trained
+            :class:`HyperAndersonNet`, or
             :class:`LeastSquaresMixer` (the default: Anderson).
         m: memory; the last ``m + 1`` iterates are mixed (the net's ``m`` must match).
         alpha_mode: ``"shift"`` (the paper), ``"softmax"`` or ``"none"``; see :func:`normalize_alpha`.
@@ -491,19 +500,28 @@ class HyperSolver(Solver):
             X = (state["X"] + [z])[-(self.m + 1):]
             Gl = (state["G"] + [g])[-(self.m + 1):]
             Xh, Gh = torch.stack(X, 1), torch.stack(Gl, 1)  # (B, T, n), oldest first
+            gram = torch.bmm(Gh, Gh.transpose(1, 2))  # (B, T, T)
             new_state = {"X": X, "G": Gl, "k": k + 1}
         else:
             if not isinstance(state["X"], Tensor):  # first step: allocate the ring buffers
                 B, n = z.shape
-                state = {"X": z.new_empty(B, self.m + 1, n), "G": z.new_empty(B, self.m + 1, n), "k": k}
+                state = {"X": z.new_empty(B, self.m + 1, n), "G": z.new_empty(B, self.m + 1, n),
+                         "H": z.new_zeros(B, self.m + 1, self.m + 1), "k": k}
             slot = k % (self.m + 1)
             state["X"][:, slot] = z
             state["G"][:, slot] = g
             Xh, Gh = state["X"][:, :T], state["G"][:, :T]  # (B, T, n), storage order
+            # update the Gram matrix by one row and column: O(T n), not O(T^2 n) (and a
+            # multiply-sum beats bmm on many tiny matrices on a CPU)
+            row = (Gh * g[:, None, :]).sum(-1)  # (B, T)
+            H = state["H"]
+            H[:, slot, :T] = row
+            H[:, :T, slot] = row
+            gram = H[:, :T, :T]
             if k >= self.m + 1:  # the buffer has wrapped: rows slot+1, ..., slot are oldest..newest
                 order = (torch.arange(1, T + 1, device=z.device) + slot) % T
-            new_state = {"X": state["X"], "G": state["G"], "k": k + 1}
-        alpha_hat, beta = self.mixer(Gh, order=order)
+            new_state = {"X": state["X"], "G": state["G"], "H": H, "k": k + 1}
+        alpha_hat, beta = self.mixer(Gh, order=order, gram=gram)
         if alpha_hat.shape != Gh.shape[:2] or beta.shape != Gh.shape[:1]:
             raise ValueError(f"the mixer must return alpha_hat {tuple(Gh.shape[:2])} and beta "
                              f"{tuple(Gh.shape[:1])}, got {tuple(alpha_hat.shape)} and {tuple(beta.shape)}")
@@ -782,3 +800,91 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
     times.sort()
     mid = len(times) // 2
     return times[mid] if len(times) % 2 else 0.5 * (times[mid - 1] + times[mid])
+
+
+def budget_times(f: Callable[[Tensor], Tensor], z0: Tensor, solver: Any, max_nfe: int, *,
+                 repeats: int = 3, init: Optional[Callable[[], Tensor]] = None) -> List[float]:
+    """Wall-clock seconds until each budget ``1..max_nfe`` of one solve (median of ``repeats``
+    runs after a warm-up), read from per-step timestamps. ``init()`` (e.g. the hypersolver's
+    initializer) is timed too and replaces ``z0``."""
+    _check_pos_int("max_nfe", max_nfe)
+    _check_pos_int("repeats", repeats)
+    runs: List[List[float]] = []
+    for r in range(repeats + 1):
+        stamps: List[float] = []
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            start = init() if init is not None else z0
+        solve(f, start, solver=solver, tol=1e-30, max_iter=max_nfe, on_failure="ignore",
+              callback=lambda info: stamps.append(time.perf_counter() - t0))
+        if r:
+            runs.append(stamps)
+    return [sorted(col)[len(col) // 2] for col in zip(*runs)]
+
+
+def budget_snapshot(f: Callable[[Tensor], Tensor], starts: Dict[str, Tuple[Any, Tensor]], K: int, *,
+                    readout: Callable[[Tensor], Tensor], labels: Tensor) -> Dict[str, Dict[str, Any]]:
+    """Each solver after ``K`` evaluations: ``{name: {"rel_residual": (B,) numpy, "accuracy": %}}``.
+
+    ``starts`` maps a name to ``(solver, z0)``. This is the ``compute`` of the chapter's steps
+    slider (:func:`steps_figure` draws it)."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, (solver, z0) in starts.items():
+        z, tr = solve(f, z0, solver=solver, tol=1e-30, max_iter=K, on_failure="ignore")
+        with torch.no_grad():
+            acc = 100.0 * float((readout(z).argmax(-1) == labels).double().mean())
+        out[name] = {"rel_residual": tr.best_residual.detach().cpu().numpy(), "accuracy": acc, "K": K}
+    return out
+
+
+def steps_figure(snapshot: Dict[str, Dict[str, Any]], height: int = 380):
+    """Box plot of the per-sample relative residual (log) and bars of the accuracy of every
+    solver after the same number of evaluations (one :func:`budget_snapshot`)."""
+    from plotly.subplots import make_subplots  # lazy: ``import deqlite`` must not need plotly
+    import plotly.graph_objects as go
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("relative residual per sample", "test accuracy (%)"))
+    names = list(snapshot)
+    for name in names:
+        fig.add_trace(go.Box(y=snapshot[name]["rel_residual"], name=name, boxpoints=False,
+                             showlegend=False), row=1, col=1)
+    fig.add_trace(go.Bar(x=names, y=[snapshot[n]["accuracy"] for n in names], showlegend=False,
+                         text=[f"{snapshot[n]['accuracy']:.1f}" for n in names], textposition="outside"),
+                  row=1, col=2)
+    fig.update_yaxes(type="log", exponentformat="power", row=1, col=1)
+    fig.update_layout(height=height, margin=dict(t=60, b=40))
+    return fig
+
+
+def pareto_figure(curves: Dict[str, Dict[str, List[float]]], times: Optional[Dict[str, List[float]]] = None,
+                  converged_accuracy: Optional[float] = None, height: int = 620):
+    """Accuracy and median relative residual against evaluations (and wall time, when
+    ``times`` is given) for each solver: the speed/accuracy trade-off of Fig. 1 / 4 of the paper.
+    ``curves[name]`` is a :func:`budget_curve`, ``times[name]`` a :func:`budget_times`."""
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    cols = 2 if times else 1
+    titles = ["accuracy vs evaluations of f"] + (["accuracy vs wall time"] if times else []) + \
+             ["residual vs evaluations of f"] + (["residual vs wall time"] if times else [])
+    fig = make_subplots(rows=2, cols=cols, subplot_titles=titles, vertical_spacing=0.14)
+    palette = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692"]
+    for i, (name, c) in enumerate(curves.items()):
+        color = palette[i % len(palette)]
+        xs = [("nfe", c["nfe"], 1)]
+        if times:
+            xs.append(("ms", [1e3 * t for t in times[name]], 2))
+        for label, x, col in xs:
+            for row, key in ((1, "accuracy"), (2, "rel_residual")):
+                fig.add_trace(go.Scatter(x=x, y=c[key], mode="lines+markers", name=name, legendgroup=name,
+                                         line=dict(color=color), marker=dict(size=5),
+                                         showlegend=(row == 1 and col == 1)), row=row, col=col)
+    if converged_accuracy is not None:  # zoom on the converged accuracy (the start is at chance)
+        for col in range(1, cols + 1):
+            fig.add_hline(y=converged_accuracy, line_dash="dot", row=1, col=col)
+            fig.update_yaxes(range=[converged_accuracy - 8, min(100.0, converged_accuracy + 2)], row=1, col=col)
+    for col in range(1, cols + 1):
+        fig.update_yaxes(type="log", exponentformat="power", row=2, col=col)
+        fig.update_xaxes(title_text="evaluations of f" if col == 1 else "milliseconds", row=2, col=col)
+    fig.update_layout(height=height, margin=dict(t=60))
+    return fig

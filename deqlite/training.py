@@ -19,7 +19,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 __all__ = ["count_params", "accuracy", "TrainResult", "train_classifier", "peak_memory",
            "training_step_memory"]
@@ -70,10 +69,7 @@ def train_classifier(model: nn.Module, X: Tensor, y: Tensor, *, epochs: int = 10
                      X_test: Optional[Tensor] = None, y_test: Optional[Tensor] = None,
                      extra_loss: Optional[Callable[[nn.Module], Tensor]] = None) -> TrainResult:
     """Train ``model`` with Adam and cross-entropy on ``(X, y)``; the batch order comes from
-    ``seed``. ``extra_loss(model)`` (optional) is added to every step's loss. Each step runs
-    under ``torch.nn.utils.parametrize.cached()``, so a parametrised weight (such as the
-    spectral normalisation of :func:`deqlite.make_contractive`) is computed once per step,
-    not once per evaluation of the layer.
+    ``seed``. ``extra_loss(model)`` (optional) is added to every step's loss.
 
     Returns a :class:`TrainResult`; accuracy is measured after training (and per epoch on
     the test set when given).
@@ -102,11 +98,10 @@ def train_classifier(model: nn.Module, X: Tensor, y: Tensor, *, epochs: int = 10
         for i in range(0, X.shape[0], batch_size):
             idx = order[i:i + batch_size]
             opt.zero_grad(set_to_none=True)
-            with parametrize.cached():  # parametrised weights (e.g. spectral norm): once per step
-                loss = F.cross_entropy(model(X[idx]), y[idx])
-                if extra_loss is not None:
-                    loss = loss + extra_loss(model)
-                loss.backward()
+            loss = F.cross_entropy(model(X[idx]), y[idx])
+            if extra_loss is not None:
+                loss = loss + extra_loss(model)
+            loss.backward()
             opt.step()
             total += loss.detach().item() * idx.numel()
             count += idx.numel()
@@ -182,8 +177,7 @@ def training_step_memory(model: nn.Module, X: Tensor, y: Tensor,
             p.grad = torch.zeros_like(p)
 
     def step() -> None:
-        with parametrize.cached():  # as in train_classifier: parametrised weights once per step
-            loss = loss_fn(model(X), y)
-            loss.backward()
+        loss = loss_fn(model(X), y)
+        loss.backward()
 
     return peak_memory(step)

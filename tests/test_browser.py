@@ -160,10 +160,14 @@ def test_jupyterlab_live_slider(browser, tmp_path, artifacts):
         page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
         # the live explorer: an ipywidgets slider above a plotly FigureWidget
         slider = page.locator(".widget-slider .noUi-handle, .widget-hslider .noUi-handle").first
-        slider.wait_for(timeout=120_000)
+        try:
+            slider.wait_for(state="attached", timeout=120_000)
+        except Exception:
+            page.screenshot(path=str(artifacts / "jupyterlab-failure.png"), full_page=True)
+            raise
+        slider.scroll_into_view_if_needed()
         fig_sel = ".jp-OutputArea .js-plotly-plot"
         page.wait_for_selector(f"{fig_sel} .main-svg", timeout=60_000)
-        page.locator(fig_sel).first.scroll_into_view_if_needed()
         page.wait_for_timeout(500)
         before = page.evaluate(f"""() => Array.from(document.querySelector('{fig_sel}')
                                     .querySelectorAll('.scatterlayer path.js-line'))

@@ -313,3 +313,15 @@ def test_bad_inputs_and_unsupported_configurations_raise():
         to_delta(nn.Sequential(sn))
     with pytest.raises(TypeError, match="nn.Linear"):
         DeltaLinear.from_dense(nn.Conv2d(1, 1, 1))
+
+
+def test_reindex_cache_moves_rows():
+    _, lin = _linear_pair(threshold=0.0)
+    a = torch.randn(3, 6, dtype=DT)
+    with torch.no_grad():
+        y = lin(a)
+        lin.reindex_cache(torch.tensor([2, 0, 1]))
+        y2 = lin(a[[2, 0, 1]])  # same inputs in the new order: nothing changed
+    assert torch.equal(y2, y[[2, 0, 1]]) and lin.records[-1].performed_macs == 0
+    with pytest.raises(ValueError, match="1-D long tensor"):
+        lin.reindex_cache(torch.tensor([[0]]))

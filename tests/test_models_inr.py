@@ -145,3 +145,59 @@ def test_model_errors():
         fit_inr(net, torch.zeros(3, 2), torch.zeros(4, 1))
     with pytest.raises(ValueError, match="memory must be"):
         delta_picard_compact(net, torch.zeros(3, 2), 0.1, memory="x")
+
+
+def test_pan_windows_and_follow_pixels():
+    from deqlite.data import pan_windows
+    from deqlite.models.inr import follow_pixels
+    frames = pan_windows(8, 4, 3, step=2)
+    assert len(frames) == 3 and frames[0].shape == (16,)
+    assert frames[1][0] == frames[0][0] + 2
+    src = follow_pixels(64, frames[0], frames[1])
+    # pixels seen before come from their old batch position; new ones keep their own
+    seen = torch.isin(frames[1], frames[0])
+    assert torch.equal(frames[0][src[seen]], frames[1][seen])
+    assert torch.equal(src[~seen], torch.arange(16)[~seen])
+    with pytest.raises(ValueError, match="leaves the image"):
+        pan_windows(8, 4, 6, step=1)
+
+
+def test_sequence_reuse_and_delta_savings_add_up():
+    from deqlite.data import pan_windows
+    from deqlite.models.inr import render_sequence
+    net, coords, pixels, _ = _fitted()
+    frames = pan_windows(16, 10, 4)
+    runs = {name: render_sequence(net, coords, pixels, frames, **kw) for name, kw in {
+        "cold": {}, "reuse": dict(reuse=True), "delta": dict(threshold=0.03),
+        "both": dict(threshold=0.03, reuse=True)}.items()}
+    base = runs["cold"].total_cost
+    assert runs["reuse"].total_iterations < runs["cold"].total_iterations
+    assert runs["both"].total_cost < min(runs["reuse"].total_cost, runs["delta"].total_cost) < base
+    assert not net.layer.enabled and net.layer.records == []
+
+
+def test_compact_warm_start_equals_delta_layer_with_kept_cache():
+    torch.manual_seed(0)
+    coords, _ = camera_image(16)
+    net = DEQFourier(width=32, resolution=16, freq_factor=0.5).double()
+    x = coords.double()
+    idx0, idx1 = torch.arange(0, 128), torch.arange(16, 144)  # two overlapping frames
+    first = delta_picard_compact(net, x[idx0], 0.02, max_iter=6, tol=0.0)
+    # follow the pixels (frame 1 = frame 0 shifted by one image row); new pixels keep their slot
+    src = torch.where(torch.arange(128) < 112, torch.arange(128) + 16, torch.arange(128))
+    second = delta_picard_compact(net, x[idx1], 0.02, max_iter=5, tol=0.0,
+                                  warm=first.warm_state(src))
+    with torch.no_grad(), parametrize.cached(), delta_mode(net, 0.02):
+        g, h = net.injection(x[idx0])
+        z = torch.zeros(128, 32, dtype=torch.float64)
+        for _ in range(first.iterations):
+            z = net.f(z, g, h)
+        net.layer.reindex_cache(src)
+        z = z.index_select(0, src)
+        g, h = net.injection(x[idx1])
+        for _ in range(second.iterations):
+            z = net.f(z, g, h)
+    torch.testing.assert_close(second.z_star, z, rtol=0, atol=1e-12)
+    assert second.active_rows[-1] < 128  # old pixels froze
+    with pytest.raises(ValueError, match="warm must hold"):
+        delta_picard_compact(net, x[idx1], 0.02, warm=(z[:3], z, z))

@@ -4,7 +4,7 @@
 * :mod:`deqlite.models.rnn`: the 20-unit RNN cell of DeltaDEQ's Fig. 1.
 """
 from .inr import DEQFourier, DEQINR, DEQSiren, evaluate_delta, fit_inr, psnr
-
+from .rnn import SineRNN, fit_sine_rnn
 
 __all__ = ["DEQFourier", "DEQINR", "DEQSiren", "evaluate_delta", "fit_inr", "psnr", "SineRNN",
            "fit_sine_rnn"]
