@@ -77,7 +77,7 @@ def run_size(name: str, width: int, X_hyper, X_eval, y_eval, Xtr, ytr, *, epochs
     z_hyper, worst = fixed_points(f, X_hyper, state_shape=(width,))
     hyper = HyperSolver.build(state_dim=width, input_dim=64, init_hidden=6, compress_dim=0, seed=seed)
     log = train_hypersolver(hyper, f, X_hyper, z_hyper, K=8, steps=steps, batch_size=32, lr=3e-3,
-                            conv_loss="log", time_budget=budget, seed=seed)
+                            conv_loss="log", init_lr=1e-2, init_batch_size=256, time_budget=budget, seed=seed)
     z_star, worst_eval = fixed_points(f, X_eval, state_shape=(width,))
     with torch.no_grad():
         acc_star = 100.0 * float((model.head(z_star).argmax(-1) == y_eval).double().mean())
@@ -170,15 +170,15 @@ def main() -> None:
     }
     print("chapter size (width 256, 450 test digits)")
     results["sizes"]["chapter"] = run_size(
-        "chapter", 256, Xtr, Xte, yte, Xtr, ytr, epochs=2 if q else 8, budget=3 if q else 20,
-        steps=50 if q else 2000, **common)
+        "chapter", 256, Xtr, Xte, yte, Xtr, ytr, epochs=2 if q else 6, budget=None,
+        steps=30 if q else 600, **common)
     # f dominates: width 512, a batch of 1024 digits the hypersolver did not train on
     n_h = len(Xtr) + len(Xte) - 1024
     X_all, y_all = torch.cat([Xtr, Xte]), torch.cat([ytr, yte])
     print(f"large size (width 512, batch 1024; hypersolver trained on {n_h} other digits)")
     results["sizes"]["large"] = run_size(
-        "large", 512, X_all[:n_h], X_all[n_h:], y_all[n_h:], Xtr, ytr, epochs=1 if q else 4,
-        budget=3 if q else 40, steps=50 if q else 2000, **common)
+        "large", 512, X_all[:n_h], X_all[n_h:], y_all[n_h:], Xtr, ytr, epochs=1 if q else 6,
+        budget=None, steps=30 if q else 600, **common)
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def plain(v):

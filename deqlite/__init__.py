@@ -14,13 +14,17 @@ from .solvers import (ConvergenceError, Solver, SolverTrace, StepInfo, available
 __version__ = "0.1.0"
 
 _LAZY_SUBMODULES = {"viz", "delta", "hyper", "analysis", "models", "data", "backward", "deq",
-                    "diagnostics", "regularize"}
+                    "diagnostics", "regularize", "problems", "training", "race"}
 _LAZY_ATTRS = {
     "DEQ": "deq",
     "diagnose": "diagnostics",
     "spectral_radius": "diagnostics",
     "jacobian_frobenius": "regularize",
     "make_contractive": "regularize",
+    "DeltaLinear": "delta",
+    "DeltaConv2d": "delta",
+    "delta_mode": "delta",
+    "mac_summary": "delta",
 }
 
 
@@ -34,4 +38,5 @@ def __getattr__(name: str) -> Any:
 
 __all__ = ["solve", "SolverTrace", "StepInfo", "Solver", "ConvergenceError", "available_solvers",
            "get_solver", "register_solver", "DEQ", "diagnose", "spectral_radius",
-           "jacobian_frobenius", "make_contractive"]
+           "jacobian_frobenius", "make_contractive", "DeltaLinear", "DeltaConv2d", "delta_mode",
+           "mac_summary"]

@@ -17,16 +17,20 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple, Union
 
 import numpy as np
-import torch
 from torch import Tensor
 
-__all__ = ["step_deltas", "delta_profile", "convergence_iteration", "convergence_histogram",
-           "trajectory_pca", "PCAResult"]
+__all__ = [
+    "PCAResult",
+    "convergence_histogram",
+    "convergence_iteration",
+    "delta_profile",
+    "step_deltas",
+    "trajectory_pca",
+]
 
-ArrayLike = Union[Tensor, np.ndarray]
+ArrayLike = Tensor | np.ndarray
 
 
 def _as_traj(traj: ArrayLike) -> np.ndarray:
@@ -45,7 +49,7 @@ def step_deltas(traj: ArrayLike) -> np.ndarray:
     return np.abs(np.diff(arr, axis=0))
 
 
-def delta_profile(traj: ArrayLike) -> Tuple[np.ndarray, np.ndarray]:
+def delta_profile(traj: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation over the batch of ``|z_{t+1} - z_t|``: two ``(T - 1, D)``
     arrays (Fig. 1e of seed 000: one curve per dimension, shaded by the spread over inputs)."""
     d = step_deltas(traj)
@@ -80,7 +84,7 @@ def convergence_iteration(traj: ArrayLike, tol: float = 0.01, mode: str = "first
     return np.where(stays <= S, stays, S + 1).astype(np.int64)
 
 
-def convergence_histogram(conv_iter: ArrayLike, n_steps: int) -> Tuple[np.ndarray, int]:
+def convergence_histogram(conv_iter: ArrayLike, n_steps: int) -> tuple[np.ndarray, int]:
     """How many (sample, dimension) pairs converge at each step.
 
     Args:

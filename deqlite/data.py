@@ -6,8 +6,6 @@
 """
 from __future__ import annotations
 
-from typing import Tuple
-
 import numpy as np
 import torch
 from torch import Tensor
@@ -31,7 +29,7 @@ def image_coordinates(size: int, dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
 
 
-def camera_image(size: int = 64, dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
+def camera_image(size: int = 64, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """scikit-image's ``camera`` (512x512 grey photograph, shipped in the wheel), resized with
     anti-aliasing to ``size x size`` and scaled to [-1, 1].
 
@@ -60,7 +58,7 @@ def camera_image(size: int = 64, dtype: torch.dtype = torch.float32) -> Tuple[Te
 
 def load_digits_tensors(test_size: float = 0.25, seed: int = 0,
                         dtype: torch.dtype = torch.float32
-                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """scikit-learn's 8x8 handwritten digits (1797 images, 10 classes, bundled), split into
     train and test sets (stratified) and standardised with the training mean and std.
 
@@ -84,7 +82,7 @@ def load_digits_tensors(test_size: float = 0.25, seed: int = 0,
     mean = Xtr.mean(axis=0)
     std = Xtr.std(axis=0)
     std = np.where(std > 0, std, 1.0)  # corner pixels are always 0: leave them at 0
-    to = lambda a: torch.as_tensor((a - mean) / std, dtype=dtype)  # noqa: E731
+    to = lambda a: torch.as_tensor((a - mean) / std, dtype=dtype)
     return (to(Xtr), torch.as_tensor(ytr, dtype=torch.long), to(Xte),
             torch.as_tensor(yte, dtype=torch.long))
 

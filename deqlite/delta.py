@@ -45,17 +45,29 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DeltaLinear", "DeltaConv2d", "DeltaLayer", "CallRecord", "MacSummary",
-           "MEMORY_RULES", "delta_layers", "reset_all", "configure", "delta_mode", "to_delta",
-           "mac_summary"]
+__all__ = [
+    "MEMORY_RULES",
+    "CallRecord",
+    "DeltaConv2d",
+    "DeltaLayer",
+    "DeltaLinear",
+    "MacSummary",
+    "configure",
+    "delta_layers",
+    "delta_mode",
+    "mac_summary",
+    "reset_all",
+    "to_delta",
+]
 
 MEMORY_RULES = ("reset", "accumulate")
 
@@ -99,11 +111,11 @@ class CallRecord:
     active: int
     numel: int
     dense_call: bool
-    fired_per_dim: Optional[Tensor] = None
+    fired_per_dim: Tensor | None = None
 
     @property
     def cost(self) -> int:
-        """Performed MACs plus the subtraction: what the delta rule really spends."""
+        """What the delta rule really spends, the performed MACs plus the subtractions."""
         return self.performed_macs + self.sub_ops
 
 
@@ -114,7 +126,7 @@ class DeltaLayer:
     parameters (and ``state_dict``) as the dense one.
     """
 
-    def _init_delta(self, threshold: float, train_threshold: Optional[float], memory: str,
+    def _init_delta(self, threshold: float, train_threshold: float | None, memory: str,
                     sparse: bool, enabled: bool, track: bool, record_fired: bool) -> None:
         self.threshold = _check_threshold("threshold", threshold)
         self.train_threshold = _check_threshold(
@@ -124,10 +136,10 @@ class DeltaLayer:
         self.enabled = bool(enabled)
         self.track = bool(track)
         self.record_fired = bool(record_fired)
-        self.records: List[CallRecord] = []
-        self._a_prev: Optional[Tensor] = None
-        self._y_prev: Optional[Tensor] = None
-        self._bufs: Optional[tuple] = None
+        self.records: list[CallRecord] = []
+        self._a_prev: Tensor | None = None
+        self._y_prev: Tensor | None = None
+        self._bufs: tuple | None = None
 
     # -- public controls ------------------------------------------------------------------
     @property
@@ -176,7 +188,7 @@ class DeltaLayer:
     def _check_input(self, a: Tensor) -> None:
         raise NotImplementedError
 
-    def _record(self, a: Tensor, y: Tensor, fired: Optional[Tensor]) -> None:
+    def _record(self, a: Tensor, y: Tensor, fired: Tensor | None) -> None:
         if not self.track:
             return
         dense = self._dense_macs(a, y)
@@ -264,14 +276,14 @@ class DeltaLinear(DeltaLayer, nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 threshold: float = 0.0, train_threshold: Optional[float] = None, memory: str = "reset",
+                 threshold: float = 0.0, train_threshold: float | None = None, memory: str = "reset",
                  sparse: bool = False, enabled: bool = True, track: bool = True,
                  record_fired: bool = False, device: Any = None, dtype: Any = None) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._init_delta(threshold, train_threshold, memory, sparse, enabled, track, record_fired)
 
     @classmethod
-    def from_dense(cls, layer: nn.Linear, **options: Any) -> "DeltaLinear":
+    def from_dense(cls, layer: nn.Linear, **options: Any) -> DeltaLinear:
         """A delta layer sharing ``layer``'s weight and bias Parameters (no copy)."""
         if not isinstance(layer, nn.Linear):
             raise TypeError(f"from_dense expects an nn.Linear, got {type(layer).__name__}")
@@ -345,7 +357,7 @@ class DeltaConv2d(DeltaLayer, nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
                  padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
                  padding_mode: str = "zeros", *, threshold: float = 0.0,
-                 train_threshold: Optional[float] = None, memory: str = "reset", sparse: bool = False,
+                 train_threshold: float | None = None, memory: str = "reset", sparse: bool = False,
                  enabled: bool = True, track: bool = True, record_fired: bool = False,
                  device: Any = None, dtype: Any = None) -> None:
         if padding_mode != "zeros":
@@ -359,7 +371,7 @@ class DeltaConv2d(DeltaLayer, nn.Conv2d):
         self._init_delta(threshold, train_threshold, memory, sparse, enabled, track, record_fired)
 
     @classmethod
-    def from_dense(cls, layer: nn.Conv2d, **options: Any) -> "DeltaConv2d":
+    def from_dense(cls, layer: nn.Conv2d, **options: Any) -> DeltaConv2d:
         """A delta layer sharing ``layer``'s weight and bias Parameters (no copy)."""
         if not isinstance(layer, nn.Conv2d):
             raise TypeError(f"from_dense expects an nn.Conv2d, got {type(layer).__name__}")
@@ -411,7 +423,7 @@ class DeltaConv2d(DeltaLayer, nn.Conv2d):
         per_pixel = fired.sum(dim=1, keepdim=True, dtype=torch.float64)  # (B, 1, H, W)
         ones = torch.ones(1, 1, *self.weight.shape[2:], dtype=torch.float64, device=fired.device)
         hits = F.conv2d(per_pixel, ones, None, self.stride, self.padding, self.dilation)
-        return int(round(float(hits.sum()))) * (self.out_channels // self.groups)
+        return round(float(hits.sum())) * (self.out_channels // self.groups)
 
     def extra_repr(self) -> str:
         return nn.Conv2d.extra_repr(self) + ", " + self.extra_delta_repr()
@@ -419,7 +431,7 @@ class DeltaConv2d(DeltaLayer, nn.Conv2d):
 
 # -- whole-model helpers ----------------------------------------------------------------------
 
-def delta_layers(model: nn.Module) -> List[DeltaLayer]:
+def delta_layers(model: nn.Module) -> list[DeltaLayer]:
     """All delta layers inside ``model`` (including ``model`` itself), in module order."""
     return [m for m in model.modules() if isinstance(m, DeltaLayer)]
 
@@ -437,7 +449,7 @@ _UNSET: Any = object()
 
 def configure(model: nn.Module, *, enabled: Any = _UNSET, threshold: Any = _UNSET,
               train_threshold: Any = _UNSET, memory: Any = _UNSET, sparse: Any = _UNSET,
-              track: Any = _UNSET, record_fired: Any = _UNSET) -> Dict[str, Any]:
+              track: Any = _UNSET, record_fired: Any = _UNSET) -> dict[str, Any]:
     """Set options on every delta layer in ``model``; returns the previous values of the first
     layer (for restoring). Raises ``ValueError`` when the model has no delta layer."""
     layers = delta_layers(model)
@@ -464,7 +476,7 @@ def configure(model: nn.Module, *, enabled: Any = _UNSET, threshold: Any = _UNSE
 
 @contextlib.contextmanager
 def delta_mode(model: nn.Module, threshold: float, *, memory: str = "reset",
-               sparse: bool = False, train_threshold: Optional[float] = None,
+               sparse: bool = False, train_threshold: float | None = None,
                record_fired: bool = False) -> Iterator[nn.Module]:
     """Run ``model``'s delta layers with the delta rule inside the block.
 
@@ -480,7 +492,7 @@ def delta_mode(model: nn.Module, threshold: float, *, memory: str = "reset",
         >>> mac_summary(net).n_calls
         2
     """
-    opts: Dict[str, Any] = dict(enabled=True, threshold=threshold, memory=memory, sparse=sparse,
+    opts: dict[str, Any] = dict(enabled=True, threshold=threshold, memory=memory, sparse=sparse,
                                 track=True, record_fired=record_fired)
     opts["train_threshold"] = threshold if train_threshold is None else train_threshold
     layers = delta_layers(model)
@@ -528,28 +540,29 @@ def to_delta(model: nn.Module, **options: Any) -> nn.Module:
 @dataclass
 class MacSummary:
     """MACs of a model's delta layers, per call index (= per DEQ iteration when each layer is
-    called once per evaluation of ``f``), summed over layers.
+    called once per evaluation of ``f``), summed over layers. The arrays have one entry per
+    call index.
 
-    Attributes (numpy arrays of length ``n_calls``):
+    Attributes:
         dense: MACs the dense layers would have done for the same calls.
         performed: MACs the delta rule performed.
         sub_ops: subtraction operations.
         active_fraction: fired input entries / input entries (1 on dense calls).
-        per_layer: ``{layer name: {"dense": total, "performed": total, "sub_ops": total}}``.
-        fired_per_dim: (n_calls, D) fraction fired per input dimension of the first layer that
-            recorded it, or None.
+        per_layer: totals per layer name, ``{"dense": ..., "performed": ..., "sub_ops": ...}``.
+        fired_per_dim: ``(n_calls, D)`` fraction fired per input dimension of the first layer
+            that recorded it, or None.
     """
 
     dense: np.ndarray
     performed: np.ndarray
     sub_ops: np.ndarray
     active_fraction: np.ndarray
-    per_layer: Dict[str, Dict[str, int]] = field(default_factory=dict)
-    fired_per_dim: Optional[np.ndarray] = None
+    per_layer: dict[str, dict[str, int]] = field(default_factory=dict)
+    fired_per_dim: np.ndarray | None = None
 
     @property
     def n_calls(self) -> int:
-        return int(len(self.dense))
+        return len(self.dense)
 
     @property
     def total_dense(self) -> int:
@@ -571,7 +584,7 @@ class MacSummary:
         rest = self.active_fraction[1:]
         return float(1.0 - rest.mean()) if len(rest) else 0.0
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"dense": self.dense.tolist(), "performed": self.performed.tolist(),
                 "sub_ops": self.sub_ops.tolist(), "active_fraction": self.active_fraction.tolist(),
                 "total_dense": self.total_dense, "total_cost": self.total_cost,
@@ -597,7 +610,7 @@ def mac_summary(model: nn.Module) -> MacSummary:
     sub = np.zeros(T, dtype=np.int64)
     active = np.zeros(T)
     numel = np.zeros(T)
-    per_layer: Dict[str, Dict[str, int]] = {}
+    per_layer: dict[str, dict[str, int]] = {}
     fired = None
     for name, m in named:
         for i, r in enumerate(m.records):

@@ -643,6 +643,7 @@ def train_hypersolver(hyper: HyperSolver, f: Callable[[Tensor, Tensor], Tensor],
                       batch_size: int = 32, lr: float = 1e-3, weights: str = "increasing", conv_loss: str = "l2",
                       lambda_conv: float = 1.0, lambda_init: float = 0.3, lambda_alpha: float = 0.1,
                       alpha_decay_steps: Optional[int] = None, time_budget: Optional[float] = None,
+                      init_lr: Optional[float] = None, init_batch_size: Optional[int] = None,
                       seed: int = 0, log_every: int = 25) -> TrainLog:
     """Train ``hyper`` on a frozen map ``f(z, x)`` over inputs ``x`` ``(N, ...)`` (no labels).
 
@@ -652,7 +653,9 @@ def train_hypersolver(hyper: HyperSolver, f: Callable[[Tensor, Tensor], Tensor],
     over ``alpha_decay_steps`` (default: 40% of ``steps``; App. A.4). Only the solver's
     parameters get gradients (``f``'s ``.grad`` stays untouched). ``z_star`` defaults to
     :func:`fixed_points` (Anderson to relative residual 1e-6). ``time_budget`` (seconds) stops
-    early. Returns a :class:`TrainLog`.
+    early. The initializer, trained by ``L_init`` alone, may get its own learning rate
+    ``init_lr`` and its own (cheap, larger) batch ``init_batch_size``: it needs no unrolling.
+    Returns a :class:`TrainLog`.
     """
     if not isinstance(hyper, HyperSolver):
         raise TypeError(f"hyper must be a HyperSolver, got {type(hyper).__name__}")
@@ -661,6 +664,8 @@ def train_hypersolver(hyper: HyperSolver, f: Callable[[Tensor, Tensor], Tensor],
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
     for name, v in (("K", K), ("steps", steps), ("batch_size", batch_size), ("log_every", log_every)):
         _check_pos_int(name, v)
+    if init_batch_size is not None:
+        _check_pos_int("init_batch_size", init_batch_size)
     if weights not in LOSS_WEIGHTS:
         raise ValueError(f"weights must be one of {LOSS_WEIGHTS}, got {weights!r}")
     params = list(hyper.parameters())
@@ -680,7 +685,12 @@ def train_hypersolver(hyper: HyperSolver, f: Callable[[Tensor, Tensor], Tensor],
     z_star = z_star.detach()
     decay = alpha_decay_steps if alpha_decay_steps is not None else max(1, int(0.4 * steps))
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(params, lr=lr)
+    init_params = list(hyper.initializer.parameters()) if hyper.initializer is not None else []
+    init_ids = {id(p) for p in init_params}
+    groups = [{"params": [p for p in params if id(p) not in init_ids], "lr": lr}]
+    if init_params:
+        groups.append({"params": init_params, "lr": lr if init_lr is None else init_lr})
+    opt = torch.optim.Adam([g for g in groups if g["params"]])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     wk = loss_weights(K, weights)
     hyper.train()
@@ -689,6 +699,10 @@ def train_hypersolver(hyper: HyperSolver, f: Callable[[Tensor, Tensor], Tensor],
         idx = torch.randint(0, N, (min(batch_size, N),), generator=gen)
         xb, zb = x[idx], z_star[idx]
         L = hyper_losses(hyper, lambda z: f(z, xb), xb, zb, K, wk, conv_loss=conv_loss)
+        if init_batch_size is not None and hyper.initializer is not None:  # L_init on its own batch
+            idx_i = torch.randint(0, N, (min(init_batch_size, N),), generator=gen)
+            zi = z_star[idx_i].reshape(len(idx_i), -1)
+            L["init"] = (hyper.initial_state(x[idx_i]).reshape(zi.shape) - zi).norm(dim=1).mean()
         lam_a = lambda_alpha * max(0.0, 1.0 - it / decay)
         loss = lambda_conv * L["conv"] + lambda_init * L["init"] + lam_a * L["alpha"]
         grads = torch.autograd.grad(loss, params, allow_unused=True)

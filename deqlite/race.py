@@ -205,7 +205,7 @@ def race_figure(traces: Mapping[str, SolverTrace], *, tol: Optional[float] = Non
     fig.update_layout(template=register(), title=title, height=height,
                       xaxis=dict(title="evaluations of f", range=[0, max_steps + 1] if max_steps else None),
                       yaxis=dict(type="log", title="relative residual (worst sample)", exponentformat="power"),
-                      legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"))
+                      legend=dict(x=1.02, y=1, xanchor="left", yanchor="top"))
     return fig
 
 
@@ -252,12 +252,12 @@ def race_animation(traces: Mapping[str, SolverTrace], *, sample: int = 0, dims: 
     px = 0.08 * ((max(xs_all) - min(xs_all)) or 1.0)
     py = 0.08 * ((max(ys_all) - min(ys_all)) or 1.0)
     fig.update_layout(
-        template=register(), title=title, height=height, margin=dict(b=110),
+        template=register(), title=title, height=height + 60, margin=dict(b=170),
         xaxis=dict(title=f"z[{dims[0]}]", range=[min(xs_all) - px, max(xs_all) + px]),
         yaxis=dict(title=f"z[{dims[1]}]", range=[min(ys_all) - py, max(ys_all) + py]),
-        updatemenus=[dict(type="buttons", direction="left", x=0, y=-0.12, xanchor="left", yanchor="top",
+        updatemenus=[dict(type="buttons", direction="left", x=0, y=-0.42, xanchor="left", yanchor="top",
                           buttons=[dict(label="▶ play", method="animate", args=[None, play]),
                                    dict(label="❚❚ pause", method="animate", args=[[None], now])])],
-        sliders=[dict(active=0, x=0.2, len=0.8, y=-0.05, currentvalue=dict(prefix="step "),
+        sliders=[dict(active=0, x=0, len=1, y=-0.12, currentvalue=dict(prefix="step "),
                       steps=[dict(method="animate", label=str(k), args=[[str(k)], now]) for k in range(n)])])
     return fig

@@ -3,8 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from deqlite.analysis import (convergence_histogram, convergence_iteration, delta_profile,
-                              step_deltas, trajectory_pca)
+from deqlite.analysis import (
+    convergence_histogram,
+    convergence_iteration,
+    delta_profile,
+    step_deltas,
+    trajectory_pca,
+)
 from deqlite.models.rnn import SineRNN, fit_sine_rnn, sine_data
 
 

@@ -108,7 +108,7 @@ def test_chapter_runs_under_nbval(md: Path):
 
 
 @pytest.mark.parametrize("md", CHAPTERS, ids=IDS)
-def test_chapter_runs_with_papermill(md: Path, tmp_path: Path):
+def test_chapter_runs_with_papermill(md: Path, tmp_path: Path, monkeypatch):
     import papermill as pm
 
     ipynb = md.with_suffix(".ipynb")
@@ -118,7 +118,7 @@ def test_chapter_runs_with_papermill(md: Path, tmp_path: Path):
     new_seed = int(default) + 1 if str(default).lstrip("-").isdigit() else 1
     out = tmp_path / ipynb.name
     start = time.perf_counter()
-    os.environ["DEQLITE_LIVE"] = "0"
+    monkeypatch.setenv("DEQLITE_LIVE", "0")  # the kernel inherits it: static figures
     nb = pm.execute_notebook(str(ipynb), str(out), parameters={"seed": new_seed}, kernel_name="python3",
                              cwd=str(md.parent), progress_bar=False, log_output=False)
     elapsed = time.perf_counter() - start

@@ -137,8 +137,15 @@ def test_jupyterlab_live_slider(browser, tmp_path, artifacts):
     work.mkdir()
     shutil.copy(ROOT / "book" / "intro.ipynb", work / "intro.ipynb")
     port, token = free_port(), "deqlite-test"
+    settings = tmp_path / "lab-settings"
+    # render every cell (no windowing: outputs scrolled away stay in the DOM); no news pop-up
+    for ext, name, value in (("@jupyterlab/notebook-extension", "tracker", {"windowingMode": "none"}),
+                             ("@jupyterlab/apputils-extension", "notification", {"fetchNews": "false"})):
+        (settings / ext).mkdir(parents=True, exist_ok=True)
+        (settings / ext / f"{name}.jupyterlab-settings").write_text(json.dumps(value))
     env = {**os.environ, "DEQLITE_LIVE": "1", "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"), "JUPYTERLAB_SETTINGS_DIR": str(settings),
+           "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "ws")}
     cmd = [PYTHON, "-m", "jupyter", "lab", "--no-browser", "--allow-root", "--ip=127.0.0.1",
            f"--port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={work}",
            "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
@@ -155,16 +162,18 @@ def test_jupyterlab_live_slider(browser, tmp_path, artifacts):
         # wait for the kernel, then Run > Run All Cells through the command palette
         page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], "
                                ".jp-KernelStatus-success, .jp-Toolbar-kernelStatus", timeout=60_000)
-        page.wait_for_timeout(1500)
+        page.wait_for_timeout(3000)
         page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
         page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
         # the live explorer: an ipywidgets slider above a plotly FigureWidget
-        slider = page.locator(".widget-slider .noUi-handle, .widget-hslider .noUi-handle").first
+        slider = page.locator(".jp-OutputArea .noUi-handle").first
         try:
             slider.wait_for(state="attached", timeout=120_000)
-        except Exception:
+        except Exception as exc:
             page.screenshot(path=str(artifacts / "jupyterlab-failure.png"), full_page=True)
-            raise
+            outputs = page.evaluate("""() => Array.from(document.querySelectorAll('.jp-OutputArea-output'))
+                                         .map(o => o.innerText.slice(0, 300))""")
+            raise AssertionError(f"no live slider appeared; cell outputs: {outputs}") from exc
         slider.scroll_into_view_if_needed()
         fig_sel = ".jp-OutputArea .js-plotly-plot"
         page.wait_for_selector(f"{fig_sel} .main-svg", timeout=60_000)

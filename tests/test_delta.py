@@ -5,8 +5,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from deqlite.delta import (DeltaConv2d, DeltaLinear, configure, delta_layers, delta_mode,
-                           mac_summary, reset_all, to_delta)
+from deqlite.delta import (
+    DeltaConv2d,
+    DeltaLinear,
+    configure,
+    delta_layers,
+    delta_mode,
+    mac_summary,
+    reset_all,
+    to_delta,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -271,7 +279,7 @@ def test_delta_layer_inside_solve_reaches_dense_fixed_point():
     with torch.no_grad():
         lin.weight.copy_(W)
     x = torch.randn(4, 8, dtype=DT)
-    f = lambda z: torch.tanh(lin(z) + x)  # noqa: E731
+    f = lambda z: torch.tanh(lin(z) + x)
     lin.enabled = False
     z_dense, _ = solve(f, torch.zeros(4, 8, dtype=DT), solver="picard", tol=1e-10, max_iter=200)
     lin.enabled = True

@@ -7,8 +7,16 @@ from torch.nn.utils import parametrize
 
 from deqlite.data import camera_image, image_coordinates, load_digits_tensors
 from deqlite.delta import delta_mode, mac_summary
-from deqlite.models.inr import (DEQFourier, DEQSiren, delta_picard_compact, evaluate_delta,
-                                fit_inr, psnr, time_compact, time_iterations)
+from deqlite.models.inr import (
+    DEQFourier,
+    DEQSiren,
+    delta_picard_compact,
+    evaluate_delta,
+    fit_inr,
+    psnr,
+    time_compact,
+    time_iterations,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,7 +42,7 @@ def test_camera_image_and_coordinates():
 
 
 def test_load_digits_tensors():
-    Xtr, ytr, Xte, yte = load_digits_tensors(test_size=0.2, seed=1)
+    Xtr, ytr, Xte, _yte = load_digits_tensors(test_size=0.2, seed=1)
     assert Xtr.shape[1] == 64 and Xtr.shape[0] + Xte.shape[0] == 1797
     assert Xtr.dtype == torch.float32 and ytr.dtype == torch.long
     assert Xtr.mean(0).abs().max() < 1e-5  # standardised on the training set
@@ -67,7 +75,7 @@ def _fitted(kind=DEQFourier, steps=40):
 
 @pytest.mark.parametrize("kind", [DEQFourier, DEQSiren])
 def test_fit_improves_psnr_and_reuse_saves_iterations(kind):
-    net, coords, pixels, fit = _fitted(kind)
+    _net, coords, pixels, fit = _fitted(kind)
     assert fit.psnr[-1] > fit.psnr[0] + 3
     assert sum(fit.nfe[-10:]) / 10 < fit.nfe[0]  # warm starts need fewer iterations
     net2 = kind(width=32, resolution=16, freq_factor=0.5, seed=0)
@@ -122,7 +130,7 @@ def test_compact_picard_equals_delta_layer_iteration(memory, kind):
 
 
 def test_timing_helpers_report_consistent_fields():
-    net, coords, pixels, _ = _fitted(steps=5)
+    net, coords, _pixels, _ = _fitted(steps=5)
     t = time_iterations(net, coords, 0.05, n_iter=3, repeats=2, warmup=0)
     assert len(t.dense_runs) == 2 and t.speedup == pytest.approx(t.dense_seconds / t.delta_seconds)
     assert len(t.active_fraction) == 3 and t.active_fraction[0] == 1.0

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,10 +30,26 @@ from torch.nn.utils import parametrize
 from ..delta import DeltaLinear, delta_mode, mac_summary, reset_all
 from ..solvers import SolverTrace, solve
 
-__all__ = ["DEQINR", "DEQFourier", "DEQSiren", "SpectralScale", "psnr", "fit_inr", "FitResult",
-           "evaluate_delta", "DeltaEval", "time_iterations", "IterationTiming",
-           "delta_picard_compact", "CompactRun", "time_compact", "render_sequence",
-           "SequenceRun", "follow_pixels", "time_sequence"]
+__all__ = [
+    "DEQINR",
+    "CompactRun",
+    "DEQFourier",
+    "DEQSiren",
+    "DeltaEval",
+    "FitResult",
+    "IterationTiming",
+    "SequenceRun",
+    "SpectralScale",
+    "delta_picard_compact",
+    "evaluate_delta",
+    "fit_inr",
+    "follow_pixels",
+    "psnr",
+    "render_sequence",
+    "time_compact",
+    "time_iterations",
+    "time_sequence",
+]
 
 
 class SpectralScale(nn.Module):
@@ -102,7 +118,7 @@ class DEQINR(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         freq = freq_factor * resolution / 2.0
 
-        def uniform(shape: Tuple[int, ...], bound: float) -> nn.Parameter:
+        def uniform(shape: tuple[int, ...], bound: float) -> nn.Parameter:
             return nn.Parameter((torch.rand(shape, generator=gen) * 2 - 1) * bound)
 
         # Input injection g(x) and filter: frequencies scaled to the resolution, random phases.
@@ -119,7 +135,7 @@ class DEQINR(nn.Module):
         self.readout.weight = uniform((out_dim, width), 1.0 / math.sqrt(width))
         self.readout.bias = nn.Parameter(torch.zeros(out_dim))
 
-    def injection(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+    def injection(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(g(x), h(x))`` for ``x`` ``(B, in_dim)``, both ``(B, D)``: the injected term and the
         filter (Fourier: ``sin(U x + phi)``; Siren: its argument ``U x + phi``)."""
         if x.dim() != 2 or x.shape[1] != self.inject.in_features:
@@ -134,9 +150,9 @@ class DEQINR(nn.Module):
         y = self.layer(z + g)  # the delta rule lives here
         return h * y if self.kind == "fourier" else torch.sin(y + h)
 
-    def forward(self, x: Tensor, z0: Optional[Tensor] = None, *, solver: str = "km",
+    def forward(self, x: Tensor, z0: Tensor | None = None, *, solver: str = "km",
                 tol: float = 1e-3, max_iter: int = 100, keep_cache: bool = False,
-                **solver_options: Any) -> Tuple[Tensor, Tensor, SolverTrace]:
+                **solver_options: Any) -> tuple[Tensor, Tensor, SolverTrace]:
         """Solve for the fixed point and read it out.
 
         Args:
@@ -204,15 +220,15 @@ class FitResult:
     """History of :func:`fit_inr`: per step the PSNR (of the training forward), the solver's
     function evaluations, and the seconds; ``z_star`` the last fixed point ``(B, D)``."""
 
-    psnr: List[float] = field(default_factory=list)
-    nfe: List[int] = field(default_factory=list)
+    psnr: list[float] = field(default_factory=list)
+    nfe: list[int] = field(default_factory=list)
     seconds: float = 0.0
-    z_star: Optional[Tensor] = None
+    z_star: Tensor | None = None
 
 
 def fit_inr(model: DEQINR, coords: Tensor, pixels: Tensor, *, steps: int = 300,
             lr: float = 1e-3, reuse: bool = True, tol: float = 1e-3, max_iter: int = 100,
-            solver: str = "km", train_threshold: Optional[float] = None,
+            solver: str = "km", train_threshold: float | None = None,
             seed: int = 0) -> FitResult:
     """Fit ``model`` to one image, full batch, with Adam.
 
@@ -234,7 +250,7 @@ def fit_inr(model: DEQINR, coords: Tensor, pixels: Tensor, *, steps: int = 300,
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     res = FitResult()
-    z_prev: Optional[Tensor] = None
+    z_prev: Tensor | None = None
     model.train()
     t0 = time.perf_counter()
     ctx = delta_mode(model, train_threshold) if train_threshold is not None else None
@@ -276,24 +292,24 @@ class DeltaEval:
         output: ``(B, out_dim)`` the reconstruction; trace: the solver trace.
     """
 
-    threshold: Optional[float]
+    threshold: float | None
     memory: str
     psnr: float
     iterations: int
     dense_macs: int
     cost: int
     fixed_macs: int
-    per_iter_active: List[float]
+    per_iter_active: list[float]
     fired_per_dim: Any
     output: Tensor
     trace: SolverTrace
 
-    def reduction_vs(self, baseline: "DeltaEval") -> float:
+    def reduction_vs(self, baseline: DeltaEval) -> float:
         """1 - total MACs of this run / total MACs of ``baseline`` (both incl. fixed MACs)."""
         return 1.0 - (self.cost + self.fixed_macs) / (baseline.cost + baseline.fixed_macs)
 
 
-def evaluate_delta(model: DEQINR, coords: Tensor, pixels: Tensor, threshold: Optional[float], *,
+def evaluate_delta(model: DEQINR, coords: Tensor, pixels: Tensor, threshold: float | None, *,
                    memory: str = "reset", solver: str = "km", tol: float = 1e-3,
                    max_iter: int = 100, sparse: bool = False, record_fired: bool = False,
                    **solver_options: Any) -> DeltaEval:
@@ -346,9 +362,9 @@ class IterationTiming:
     dense_seconds: float
     delta_seconds: float
     speedup: float
-    active_fraction: List[float]
-    dense_runs: List[float]
-    delta_runs: List[float]
+    active_fraction: list[float]
+    dense_runs: list[float]
+    delta_runs: list[float]
 
 
 def time_iterations(model: DEQINR, coords: Tensor, threshold: float, *, n_iter: int = 10,
@@ -378,8 +394,8 @@ def time_iterations(model: DEQINR, coords: Tensor, threshold: float, *, n_iter: 
     saved = {k: getattr(layer, k) for k in ("enabled", "threshold", "train_threshold", "memory",
                                              "sparse", "track")}
     try:
-        dense_runs: List[float] = []
-        delta_runs: List[float] = []
+        dense_runs: list[float] = []
+        delta_runs: list[float] = []
         for i in range(warmup + repeats):
             layer.enabled, layer.track = False, False
             td = run(False)
@@ -422,14 +438,14 @@ class CompactRun:
     output: Tensor
     z_star: Tensor
     iterations: int
-    active_rows: List[int]
-    active_fraction: List[float]
+    active_rows: list[int]
+    active_fraction: list[float]
     dense_macs: int
     cost: int
     converged: bool
-    state: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+    state: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def warm_state(self, index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    def warm_state(self, index: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(z, a_prev, y_prev)`` to continue from, rows picked by ``index`` (optional)."""
         assert self.state is not None
         if index is None:
@@ -439,7 +455,7 @@ class CompactRun:
 
 def delta_picard_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter: int = 100,
                          tol: float = 1e-3, memory: str = "reset",
-                         warm: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> CompactRun:
+                         warm: tuple[Tensor, Tensor, Tensor] | None = None) -> CompactRun:
     """Picard iteration ``z <- f(z)`` of an INR with the delta rule, skipping frozen samples.
 
     Under plain (Picard) iteration a sample whose layer input fired nowhere gets the same
@@ -499,7 +515,7 @@ def delta_picard_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter
             # While every sample is active, work on the full tensors: gathers would only add
             # memory traffic.
             full = active.numel() == B
-            pick = (lambda t: t) if full else (lambda t: t.index_select(0, active))  # noqa: E731
+            pick = (lambda t: t) if full else (lambda t, idx=active: t.index_select(0, idx))
             a = pick(z) + pick(g)  # (A, D) layer input
             ap = pick(a_prev)
             d = a - ap
@@ -559,7 +575,7 @@ def delta_picard_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter
 
 def time_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter: int,
                  tol: float = 1e-3, repeats: int = 11, warmup: int = 2,
-                 memory: str = "reset") -> Dict[str, Any]:
+                 memory: str = "reset") -> dict[str, Any]:
     """Wall-clock of :func:`delta_picard_compact` against the dense Picard iteration run for
     the same number of evaluations (``max_iter``, no early exit), medians of ``repeats`` runs
     after ``warmup``, interleaved. Returns seconds, speedup, the compact run's iterations and
@@ -579,7 +595,7 @@ def time_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter: int,
             model.readout(z)
             return time.perf_counter() - t0
 
-    def compact() -> Tuple[float, CompactRun]:
+    def compact() -> tuple[float, CompactRun]:
         t0 = time.perf_counter()
         run = delta_picard_compact(model, x, threshold, max_iter=max_iter, tol=tol, memory=memory)
         return time.perf_counter() - t0, run
@@ -618,9 +634,9 @@ class SequenceRun:
     each frame; ``dense_cold_cost`` the same for dense iterations would need the baseline run.
     """
 
-    psnr: List[float]
-    iterations: List[int]
-    cost: List[int]
+    psnr: list[float]
+    iterations: list[int]
+    cost: list[int]
 
     @property
     def total_cost(self) -> int:
@@ -631,8 +647,8 @@ class SequenceRun:
         return int(sum(self.iterations))
 
 
-def render_sequence(model: DEQINR, coords: Tensor, pixels: Tensor, frames: List[Tensor], *,
-                    threshold: Optional[float] = None, reuse: bool = False,
+def render_sequence(model: DEQINR, coords: Tensor, pixels: Tensor, frames: list[Tensor], *,
+                    threshold: float | None = None, reuse: bool = False,
                     memory: str = "reset", solver: str = "km", tol: float = 1e-3,
                     max_iter: int = 100, align: bool = True,
                     **solver_options: Any) -> SequenceRun:
@@ -650,9 +666,9 @@ def render_sequence(model: DEQINR, coords: Tensor, pixels: Tensor, frames: List[
     layer = model.layer
     saved = {k: getattr(layer, k) for k in ("enabled", "threshold", "train_threshold",
                                              "memory", "track")}
-    psnrs: List[float] = []
-    iters: List[int] = []
-    costs: List[int] = []
+    psnrs: list[float] = []
+    iters: list[int] = []
+    costs: list[int] = []
     try:
         layer.enabled = threshold is not None
         if threshold is not None:
@@ -660,8 +676,8 @@ def render_sequence(model: DEQINR, coords: Tensor, pixels: Tensor, frames: List[
             layer.memory = memory
         layer.track = True
         reset_all(model)
-        z_prev: Optional[Tensor] = None
-        idx_prev: Optional[Tensor] = None
+        z_prev: Tensor | None = None
+        idx_prev: Tensor | None = None
         with torch.no_grad():
             for idx in frames:
                 x = coords[idx]
@@ -686,9 +702,9 @@ def render_sequence(model: DEQINR, coords: Tensor, pixels: Tensor, frames: List[
     return SequenceRun(psnrs, iters, costs)
 
 
-def time_sequence(model: DEQINR, coords: Tensor, pixels: Tensor, frames: List[Tensor],
+def time_sequence(model: DEQINR, coords: Tensor, pixels: Tensor, frames: list[Tensor],
                   threshold: float, *, tol: float = 1e-3, max_iter: int = 100,
-                  repeats: int = 7, warmup: int = 1) -> Dict[str, Any]:
+                  repeats: int = 7, warmup: int = 1) -> dict[str, Any]:
     """Wall-clock of rendering a frame sequence with fixed-point reuse (states aligned to the
     pixels), Picard iteration with early stopping (every sample's relative change ``<= tol``):
     dense layer against the compact delta iteration (:func:`delta_picard_compact`, cache
@@ -700,7 +716,7 @@ def time_sequence(model: DEQINR, coords: Tensor, pixels: Tensor, frames: List[Te
     n_pix = coords.shape[0]
     fourier = model.kind == "fourier"
 
-    def dense() -> Tuple[float, List[int], List[float]]:
+    def dense() -> tuple[float, list[int], list[float]]:
         iters, ps = [], []
         with torch.no_grad(), parametrize.cached():
             t0 = time.perf_counter()
@@ -724,8 +740,8 @@ def time_sequence(model: DEQINR, coords: Tensor, pixels: Tensor, frames: List[Te
             t = time.perf_counter() - t0
         return t, iters, [psnr(o, pixels[i]) for o, i in zip(ps, frames)]
 
-    def delta() -> Tuple[float, List[CompactRun]]:
-        runs: List[CompactRun] = []
+    def delta() -> tuple[float, list[CompactRun]]:
+        runs: list[CompactRun] = []
         t0 = time.perf_counter()
         prev, idx_prev = None, None
         for idx in frames:
@@ -737,9 +753,9 @@ def time_sequence(model: DEQINR, coords: Tensor, pixels: Tensor, frames: List[Te
         return time.perf_counter() - t0, runs
 
     td, tc = [], []
-    d_iters: List[int] = []
-    d_psnr: List[float] = []
-    runs: List[CompactRun] = []
+    d_iters: list[int] = []
+    d_psnr: list[float] = []
+    runs: list[CompactRun] = []
     for i in range(warmup + repeats):
         a, d_iters, d_psnr = dense()
         b, runs = delta()

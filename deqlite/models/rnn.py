@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +18,10 @@ from torch import Tensor, nn
 
 from ..delta import DeltaLinear
 
-__all__ = ["SineRNN", "fit_sine_rnn", "SineFit", "sine_data"]
+__all__ = ["SineFit", "SineRNN", "fit_sine_rnn", "sine_data"]
 
 
-def sine_data(n_points: int = 200, dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
+def sine_data(n_points: int = 200, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """``(x, sin(x))`` on ``n_points`` evenly spaced points of [-2 pi, 2 pi], each ``(N, 1)``."""
     if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 2:
         raise ValueError(f"n_points must be an int >= 2, got {n_points!r}")
@@ -84,7 +83,7 @@ class SineRNN(nn.Module):
 class SineFit:
     """Loss per epoch and the largest singular value of ``W`` at the end."""
 
-    losses: List[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
     sigma_max: float = float("nan")
 
 
