@@ -34,11 +34,17 @@ the initializer needs ``x`` and so runs *before* the solve::
     train_hypersolver(hyper, deq_f, x_train)           # f(z, x), frozen
     z_star, trace = hyper_solve(hyper, deq_f, x)        # = solve(f(., x), hyper.initial_state(x), solver=hyper)
 
-Two choices the paper leaves open are documented where they are made: the compressed history
-is divided by its largest norm before it enters the network (residuals shrink by orders of
-magnitude during a solve; the network should see the *shape* of the history, with the
-log-norms as an extra feature), and the weights start at "take the newest iterate" (a damped
-plain step) rather than at a uniform average.
+Choices the paper leaves open (or that we changed) are documented where they are made:
+
+* besides the compressed residuals, each history slot is described by its row of the Gram
+  matrix ``<g_i, g_j>`` (what Anderson's least squares looks at; size-independent) and its
+  log-norm, all divided by the largest norm in the window: residuals shrink by orders of
+  magnitude during a solve, and the network should see the *shape* of the history;
+* the weights start at "take the newest iterate" (a damped plain step), not at a uniform
+  average;
+* ``conv_loss="log"`` (optional) puts ``log ||z_k - z*||`` in ``L_conv`` so that late steps
+  still get gradient; ``"l2"`` (default) is the paper's;
+* the initializer may train with its own learning rate and batch (it needs no unrolling).
 """
 from __future__ import annotations
 

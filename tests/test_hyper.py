@@ -294,3 +294,13 @@ def test_errors_are_clear():
                           torch.zeros(4, 2), torch.zeros(3, 2))
     with pytest.raises(ValueError, match="beta must be in"):
         LeastSquaresMixer(beta=1.5)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import deqlite.hyper as mod
+
+    res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+                          extraglobs={"torch": torch})
+    assert res.attempted >= 5 and res.failed == 0
