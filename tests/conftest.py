@@ -111,3 +111,15 @@ def wait_for_http(url: str, timeout: float, proc: subprocess.Popen | None = None
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Unit tests use tiny tensors: on 2 cores a second OpenMP thread only adds spin-waiting
+    (several times slower on a busy machine). Chapters run in their own kernels."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -13,14 +13,6 @@ from deqlite.analysis import (
 from deqlite.models.rnn import SineRNN, fit_sine_rnn, sine_data
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are small: on 2 cores, one thread is several times faster (less sync)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _geometric(rates, T=20, B=1):
     """z_t = rate^t per dimension: the change at step t is rate^(t-1) (1 - rate)."""

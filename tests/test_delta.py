@@ -17,14 +17,6 @@ from deqlite.delta import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are small: on 2 cores, one thread is several times faster (less sync)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 DT = torch.float64
 
 

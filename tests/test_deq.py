@@ -5,8 +5,6 @@ from torch import nn
 
 import deqlite
 
-# tiny tensors: one thread avoids OpenMP spin-waits on a busy 2-core machine
-torch.set_num_threads(1)
 from deqlite import DEQ
 from deqlite.problems import spectral_rescale
 from deqlite.solvers import solve

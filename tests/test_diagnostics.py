@@ -9,7 +9,6 @@ from deqlite.diagnostics import diagnose, jacobian_norm, spectral_radius
 from deqlite.regularize import jacobian_frobenius, make_contractive
 from deqlite.solvers import solve
 
-torch.set_num_threads(1)
 
 
 def test_lazy_top_level_names():

@@ -19,7 +19,6 @@ def test_readme_using_deqlite_example_runs(capsys):
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert blocks, "the 'Using deqlite' section has no python example"
     torch.manual_seed(0)
-    torch.set_num_threads(1)
     exec(compile(blocks[0], "README.md", "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out
     assert "converged" in out and "NOT locally contractive" in out
@@ -27,7 +26,6 @@ def test_readme_using_deqlite_example_runs(capsys):
 
 @pytest.mark.parametrize("name", CORE)
 def test_docstring_examples(name):
-    torch.set_num_threads(1)
     mod = importlib.import_module(name)
     res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
                           extraglobs={"torch": torch, "nn": torch.nn})

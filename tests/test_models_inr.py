@@ -19,14 +19,6 @@ from deqlite.models.inr import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are small: on 2 cores, one thread is several times faster (less sync)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_camera_image_and_coordinates():
     coords, pixels = camera_image(32)

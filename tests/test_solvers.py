@@ -8,8 +8,6 @@ from hypothesis import given, settings, strategies as st
 
 import deqlite
 
-# tiny tensors: one thread avoids OpenMP spin-waits on a busy 2-core machine
-torch.set_num_threads(1)
 from deqlite import problems as P
 from deqlite.solvers import (Anderson, Broyden, ConvergenceError, KrasnoselskiiMann, Newton, Picard,
                              Solver, available_solvers, get_solver, register_solver, solve)
