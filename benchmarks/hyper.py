@@ -13,7 +13,7 @@ at two sizes: the chapter's model (width 256, the 450 test digits) and one where
 dominates the cost (width 512, a batch of 1024 digits). The hypersolver never sees the
 evaluation inputs while training. Results go to ``benchmarks/results/hyper.json``.
 
-Run: ``python benchmarks/hyper.py`` (about 3-4 minutes on one core; ``--quick`` for a smoke run).
+Run: ``python benchmarks/hyper.py`` (about 5 minutes on one core; ``--quick`` for a smoke run).
 """
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ def main() -> None:
     }
     print("chapter size (width 256, 450 test digits)")
     results["sizes"]["chapter"] = run_size(
-        "chapter", 256, Xtr, Xte, yte, Xtr, ytr, epochs=2 if q else 6, budget=None,
+        "chapter", 256, Xtr, Xte, yte, Xtr, ytr, epochs=2 if q else 4, budget=None,
         steps=30 if q else 600, **common)
     # f dominates: width 512, a batch of 1024 digits the hypersolver did not train on
     n_h = len(Xtr) + len(Xte) - 1024

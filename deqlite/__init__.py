@@ -25,6 +25,9 @@ _LAZY_ATTRS = {
     "DeltaConv2d": "delta",
     "delta_mode": "delta",
     "mac_summary": "delta",
+    "HyperSolver": "hyper",
+    "train_hypersolver": "hyper",
+    "hyper_solve": "hyper",
 }
 
 
@@ -39,4 +42,4 @@ def __getattr__(name: str) -> Any:
 __all__ = ["solve", "SolverTrace", "StepInfo", "Solver", "ConvergenceError", "available_solvers",
            "get_solver", "register_solver", "DEQ", "diagnose", "spectral_radius",
            "jacobian_frobenius", "make_contractive", "DeltaLinear", "DeltaConv2d", "delta_mode",
-           "mac_summary"]
+           "mac_summary", "HyperSolver", "train_hypersolver", "hyper_solve"]

@@ -15,15 +15,6 @@ from deqlite.problems import conv_groupnorm, tanh_layer
 from deqlite.solvers import Anderson, get_solver
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second OpenMP thread only adds spin-waiting (10x slower on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tanh_map(D: int = 16, seed: int = 0, rho: float = 0.8, dtype=torch.float64):
     """A contractive ``f(z, x) = tanh(W z + U x)`` taking the input explicitly."""
     g = torch.Generator().manual_seed(seed)
