@@ -261,49 +261,69 @@ class Anderson(Solver):
             raise ValueError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
 
     def init(self, z0):
-        # the history is re-stacked (torch.cat), never written in place, so autograd can
-        # run through the iterations (the ``unrolled`` backward strategy)
-        return {"X": None, "F": None, "G": None, "H": None}
+        return {"X": None, "F": None, "G": None, "H": None, "k": 0}
 
     def step(self, f, z, fz, state):
-        keep = self.m - 1  # history slots kept once the new pair joins
         g = fz - z
-        X, F, G = (_push(state[k], v, keep) for k, v in (("X", z), ("F", fz), ("G", g)))  # (B, h, n)
-        h = X.shape[1]
-        # Gram matrix H_ij = <g_i, g_j>, kept incrementally: one new row per step, as an
-        # elementwise product (tiny batched matmuls are slow on CPU). The (h x h) algebra
-        # runs in float64 so a float32 state cannot make it singular.
-        dots = (G * g.unsqueeze(1)).sum(-1).double()  # (B, h)
-        H_old = state["H"]
-        if H_old is None or h == 1:
-            H = dots.unsqueeze(-1)
+        if torch.is_grad_enabled():
+            # autograd runs through the iterations (``unrolled``): re-stack, never write in place
+            keep = self.m - 1
+            X, F, G = (_push(state[k], v, keep) for k, v in (("X", z), ("F", fz), ("G", g)))
+            h, newest = X.shape[1], X.shape[1] - 1
+            dots = (G * g.unsqueeze(1)).sum(-1).double()  # (B, h)
+            H_old = state["H"]
+            if H_old is None or h == 1:
+                H = dots.unsqueeze(-1)
+            else:
+                prev = H_old[:, -(h - 1):, -(h - 1):]
+                H = torch.cat([torch.cat([prev, dots[:, :-1, None]], 2), dots[:, None, :]], 1)
+            state = {"X": X, "F": F, "G": G, "H": H, "k": state["k"] + 1}
         else:
-            prev = H_old[:, -(h - 1):, -(h - 1):]
-            H = torch.cat([torch.cat([prev, dots[:, :-1, None]], 2), dots[:, None, :]], 1)
-        state = {"X": X, "F": F, "G": G, "H": H}
+            # a ring buffer written in place: one (B, n) copy per step instead of re-stacking
+            # the whole history (Anderson's weights do not depend on the order of the pairs)
+            k, m = state["k"], self.m
+            if state["X"] is None:
+                B, n = z.shape
+                state["X"], state["F"], state["G"] = (z.new_empty(B, m, n) for _ in range(3))
+                state["H"] = z.new_zeros(B, m, m, dtype=torch.float64)
+            newest, h = k % m, min(k + 1, m)
+            state["X"][:, newest], state["F"][:, newest], state["G"][:, newest] = z, fz, g
+            X, F, G = state["X"][:, :h], state["F"][:, :h], state["G"][:, :h]
+            # Gram matrix H_ij = <g_i, g_j>, one new row per step, as an elementwise product
+            # (tiny batched matmuls are slow on CPU); float64 so float32 states cannot make
+            # the small system singular
+            dots = (G * g.unsqueeze(1)).sum(-1).double()  # (B, h)
+            state["H"][:, newest, :h] = dots
+            state["H"][:, :h, newest] = dots
+            H = state["H"][:, :h, :h]
+            state["k"] = k + 1
         if h == 1:  # nothing to mix yet: a (damped) plain step
             return torch.lerp(z, fz, self.beta), state
-        diag = torch.diagonal(H, dim1=1, dim2=2)  # ||g_i||^2
-        if self.scale_ridge:
-            lam = self.ridge * diag.mean(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-        else:
-            lam = torch.full_like(diag[:, :1], self.ridge)
-        # min ||G^T alpha||^2 + lam ||alpha||^2 s.t. sum(alpha) = 1 has the solution
-        # alpha = y / sum(y) with (H + lam I) y = 1 (the bordered system, eliminated)
-        y, info = torch.linalg.solve_ex(torch.diagonal_scatter(H, diag + lam, dim1=1, dim2=2),
-                                        torch.ones_like(dots))
-        alpha = y / y.sum(-1, keepdim=True)
-        bad = (info != 0) | ~torch.isfinite(alpha).all(-1)
-        if bool(bad.any()):  # singular (only possible with ridge=0): use the newest pair
-            newest = torch.zeros_like(alpha)
-            newest[:, -1] = 1.0
-            alpha = torch.where(bad[:, None], newest, alpha)
-        alpha = alpha.to(z.dtype).unsqueeze(-1)  # (B, h, 1)
+        alpha = self._weights(H, newest).to(z.dtype).unsqueeze(-1)  # (B, h, 1)
         mixed_f = (alpha * F).sum(1)
         if self.beta == 1.0:
             return mixed_f, state
         mixed_z = (alpha * X).sum(1)
         return torch.lerp(mixed_z, mixed_f, self.beta), state
+
+    def _weights(self, H: Tensor, newest: int) -> Tensor:
+        """``alpha`` (B, h), summing to one, minimising ``||sum_i alpha_i g_i||^2`` + ridge."""
+        diag = torch.diagonal(H, dim1=1, dim2=2)  # ||g_i||^2
+        if self.scale_ridge:
+            lam = self.ridge * diag.mean(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        else:
+            lam = torch.full_like(diag[:, :1], self.ridge)
+        # min alpha^T (H + lam I) alpha s.t. sum(alpha) = 1 has the solution alpha = y / sum(y)
+        # with (H + lam I) y = 1: the bordered system [[0, 1^T], [1, H + lam I]], eliminated
+        y, info = torch.linalg.solve_ex(torch.diagonal_scatter(H, diag + lam, dim1=1, dim2=2),
+                                        torch.ones_like(diag))
+        alpha = y / y.sum(-1, keepdim=True)
+        bad = (info != 0) | ~torch.isfinite(alpha).all(-1)
+        if bool(bad.any()):  # singular (only possible with ridge=0): take the newest pair
+            fallback = torch.zeros_like(alpha)
+            fallback[:, newest] = 1.0
+            alpha = torch.where(bad[:, None], fallback, alpha)
+        return alpha
 
 
 def _push(hist: Optional[Tensor], new: Tensor, keep: int) -> Tensor:
