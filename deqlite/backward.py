@@ -4,14 +4,14 @@ All of them take the fixed point found by the forward solver (however it was fou
 return a tensor equal (up to the solver tolerance) to ``z*`` whose autograd graph
 carries the chosen gradient:
 
-``implicit``       exact gradient by the implicit function theorem (Bai et al. 2019, Thm. 1):
-                   ``dL/dtheta = g^T df/dtheta`` where ``g = J^T g + dL/dz*`` is itself a
-                   fixed-point problem, solved with any registered solver.
-``jacobian_free``  treat ``J`` as zero: ``g = dL/dz*`` (one step of ``f``; Fung et al. 2022).
-``phantom``        ``k`` damped unrolled steps ``z <- (1 - tau) z + tau f(z, x)`` from ``z*``
-                   (Geng et al. 2021); approaches ``implicit`` as ``k`` grows.
-``unrolled``       backprop through the forward solver's own iterations (memory grows
-                   with the number of steps; for teaching and tests).
+- ``implicit``: the exact gradient by the implicit function theorem (Bai et al. 2019,
+  Thm. 1), ``dL/dtheta = g^T df/dtheta`` where ``g = J^T g + dL/dz*`` is itself a
+  fixed-point problem, solved with any registered solver.
+- ``jacobian_free``: treat ``J`` as zero, ``g = dL/dz*`` (one step of ``f``; Fung et al. 2022).
+- ``phantom``: ``k`` damped unrolled steps ``z <- (1 - tau) z + tau f(z, x)`` from ``z*``
+  (Geng et al. 2021); approaches ``implicit`` as ``k`` grows.
+- ``unrolled``: backprop through the forward solver's own iterations (memory grows with
+  the number of steps; for teaching and tests).
 
 No hooks are stored on modules: the implicit strategy is a custom autograd function.
 """

@@ -364,7 +364,7 @@ class HyperAndersonNet(nn.Module):
 class HyperSolver(Solver):
     """HyperAnderson iterations (Alg. 2 of Bai, Koltun & Kolter 2022) as a deqlite solver.
 
-    Fields:
+    Args:
         mixer: ``mixer(G, order=None, gram=None) -> (alpha_hat (B, T), beta (B,))`` for a
             ``(B, T, n)`` residual history whose rows are oldest to newest in the order
             ``order`` ``(T,)`` (``None``: as stored), with ``gram = G G^T``; a trained

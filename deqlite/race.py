@@ -26,7 +26,7 @@ from .solvers import SolverTrace, StepInfo, solve
 __all__ = ["slow_tanh", "spiral_2d", "race", "race_table", "evals_to", "anderson_conditioning",
            "race_figure", "race_animation", "DEFAULT_RACE"]
 
-#: The line-up of chapter 3: plain and damped iteration, Anderson, Broyden, Newton.
+#: The line-up of chapter 3 (plain and damped iteration, Anderson, Broyden, Newton).
 DEFAULT_RACE: Dict[str, Dict[str, Any]] = {
     "picard": {"solver": "picard"},
     "km (beta=0.5)": {"solver": "km", "beta": 0.5},
