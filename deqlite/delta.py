@@ -204,6 +204,16 @@ class DeltaLayer:
         self.records.append(CallRecord(dense, self._performed_macs(fired), a.numel(),
                                        int(fired.sum()), a.numel(), False, per_dim))
 
+    def forward(self, a: Tensor) -> Tensor:
+        return self._delta_forward(a)
+
+    def _share_parameters(self, layer: nn.Module):
+        """Use ``layer``'s weight and bias Parameters (no copy); built on the meta device."""
+        self.weight = layer.weight
+        self.bias = layer.bias
+        self.train(layer.training)
+        return self
+
     def _delta_forward(self, a: Tensor) -> Tensor:
         self._check_input(a)
         needs_graph = torch.is_grad_enabled() and (
@@ -289,13 +299,7 @@ class DeltaLinear(DeltaLayer, nn.Linear):
             raise TypeError(f"from_dense expects an nn.Linear, got {type(layer).__name__}")
         new = cls(layer.in_features, layer.out_features, layer.bias is not None, device="meta",
                   **options)
-        new.weight = layer.weight
-        new.bias = layer.bias
-        new.train(layer.training)
-        return new
-
-    def forward(self, a: Tensor) -> Tensor:
-        return self._delta_forward(a)
+        return new._share_parameters(layer)
 
     def _check_input(self, a: Tensor) -> None:
         if not isinstance(a, Tensor) or a.dim() != 2 or a.shape[1] != self.in_features:
@@ -378,13 +382,7 @@ class DeltaConv2d(DeltaLayer, nn.Conv2d):
         new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
                   layer.padding, layer.dilation, layer.groups, layer.bias is not None,
                   layer.padding_mode, device="meta", **options)
-        new.weight = layer.weight
-        new.bias = layer.bias
-        new.train(layer.training)
-        return new
-
-    def forward(self, a: Tensor) -> Tensor:
-        return self._delta_forward(a)
+        return new._share_parameters(layer)
 
     def _check_input(self, a: Tensor) -> None:
         if not isinstance(a, Tensor) or a.dim() != 4 or a.shape[1] != self.in_channels:

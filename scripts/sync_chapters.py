@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Keep every chapter in _toc.yml in the chapter format (see book/CONTRIBUTING-chapters.md).
+"""Keep every chapter in _toc.yml in the chapter format (see CONTRIBUTING.md).
 
 For each notebook chapter (a MyST .md with a kernelspec):
   1. set its first code cell to the install cell built from repository.url in _config.yml

@@ -3,7 +3,7 @@
 For each notebook chapter (book/<name>.md paired with book/<name>.ipynb):
 - the pair has not drifted, and the .ipynb carries no outputs;
 - the chapter follows the format (install cell, parameters cell, asserts, glue, exercises,
-  citations; see book/CONTRIBUTING-chapters.md);
+  citations; see CONTRIBUTING.md);
 - it runs under nbval (lax: the asserts in its cells carry the checks) within 60 s;
 - it runs once more through papermill with the parameter `seed` overridden, within 60 s;
 and the whole book runs under nbval within 5 minutes.
