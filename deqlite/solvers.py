@@ -586,11 +586,16 @@ def solve(
                 if fz.dtype != z.dtype:
                     raise TypeError(f"f changed the dtype: z is {z.dtype}, f(z) is {fz.dtype}")
             fz = fz.reshape(B, -1)
-            res_abs = torch.linalg.vector_norm(fz - z, dim=1)  # (B,)
-            res_rel = res_abs / torch.linalg.vector_norm(fz, dim=1).clamp_min(tiny)
+            f_norm = torch.linalg.vector_norm(fz, dim=1)  # (B,)
+            # an overflowing ||f(z)|| (inf, with finite entries) would make the relative
+            # residual 0 and a runaway sample look converged: `+ 0 * f_norm` turns every
+            # non-finite norm into NaN in both residuals, so the sample counts as diverged
+            poison = f_norm * 0.0  # 0 where ||f(z)|| is finite, NaN where it is inf or NaN
+            res_abs = torch.linalg.vector_norm(fz - z, dim=1) + poison  # (B,)
+            res_rel = res_abs / f_norm.clamp_min(tiny)
             res = res_rel if stop == "rel" else res_abs
-            # z is finite (checked last step), so a non-finite entry of f(z) makes both
-            # residuals non-finite (inf/inf = nan): no extra pass over the state
+            # z is finite (checked last step), so a non-finite entry of f(z), or a norm
+            # that overflows, makes both residuals non-finite: no extra pass over the state
             if any_diverged:  # frozen samples: record a gap, not a repeated residual
                 res_abs = res_abs.masked_fill(diverged, math.nan)
                 res_rel = res_rel.masked_fill(diverged, math.nan)
