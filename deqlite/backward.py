@@ -18,15 +18,17 @@ No hooks are stored on modules: the implicit strategy is a custom autograd funct
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
-from .solvers import SolverTrace, get_solver, solve
+from .solvers import ConvergenceError, SolverTrace, get_solver, solve
 
-__all__ = ["BackwardConfig", "BACKWARD_STRATEGIES", "attach_gradient", "implicit_adjoint"]
+__all__ = ["BackwardConfig", "BACKWARD_STRATEGIES", "FAILURE_POLICIES", "DEQConvergenceWarning",
+           "attach_gradient", "implicit_adjoint", "report_failure"]
 
 BACKWARD_STRATEGIES = ("implicit", "jacobian_free", "phantom", "unrolled")
 
@@ -43,6 +45,7 @@ class BackwardConfig:
     stop: str = "rel"
     phantom_k: int = 5
     phantom_tau: float = 0.5
+    on_failure: str = "warn"
 
     def __post_init__(self):
         if self.strategy not in BACKWARD_STRATEGIES:
@@ -55,8 +58,40 @@ class BackwardConfig:
             raise ValueError(f"backward max_iter must be an integer >= 1, got {self.max_iter!r}")
         if isinstance(self.phantom_k, bool) or not isinstance(self.phantom_k, int) or self.phantom_k < 1:
             raise ValueError(f"phantom_k must be an integer >= 1, got {self.phantom_k!r}")
-        if not (0 < self.phantom_tau <= 1):
+        if not (isinstance(self.phantom_tau, (int, float)) and 0 < self.phantom_tau <= 1):
             raise ValueError(f"phantom_tau must be in (0, 1], got {self.phantom_tau!r}")
+        if self.on_failure not in FAILURE_POLICIES:
+            raise ValueError(f"on_failure must be one of {', '.join(map(repr, FAILURE_POLICIES))}, "
+                             f"got {self.on_failure!r}")
+
+
+FAILURE_POLICIES = ("warn", "raise", "ignore")
+
+
+class DEQConvergenceWarning(RuntimeWarning):
+    """A DEQ's forward or backward (adjoint) solve stopped without meeting its tolerance.
+
+    Silence it deliberately where a capped solve is intended:
+    ``DEQ(..., on_failure="ignore")`` or ``warnings.simplefilter("ignore", DEQConvergenceWarning)``.
+    """
+
+
+def report_failure(trace: SolverTrace, policy: str, what: str, stacklevel: int = 3) -> None:
+    """Apply a DEQ failure policy to a finished solve: warn or raise unless it converged.
+
+    Unlike :func:`deqlite.solve` (whose ``"warn"`` only warns about non-finite values,
+    since a budgeted solve that stops at ``max_iter`` is a normal result there), a DEQ is
+    supposed to reach its fixed point, so ``"warn"`` also warns about ``"max_iter"``.
+    """
+    if trace.status == "converged" or policy == "ignore":
+        return
+    msg = (f"DEQ {what} solve did not converge: {trace.summary()}. Raise its max_iter or tol, "
+           f"use another solver, or pass on_failure='ignore' if a capped solve is intended.")
+    if what == "backward (adjoint)":
+        msg += " The gradient is inexact."
+    if policy == "raise":
+        raise ConvergenceError(msg, trace)
+    warnings.warn(msg, DEQConvergenceWarning, stacklevel=stacklevel)
 
 
 def implicit_adjoint(vjp: Callable[[Tensor], Tensor], grad: Tensor, config: BackwardConfig,
@@ -68,6 +103,7 @@ def implicit_adjoint(vjp: Callable[[Tensor], Tensor], grad: Tensor, config: Back
     trace.extra["kind"] = "backward"
     if callback is not None:
         callback(trace)
+    report_failure(trace, config.on_failure, "backward (adjoint)")
     return g
 
 
@@ -84,6 +120,13 @@ class _ImplicitGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            # create_graph=True: the adjoint g below is found by a solver without a graph, so
+            # a second derivative through it would be silently wrong
+            raise RuntimeError(
+                "double backward (create_graph=True, e.g. a gradient penalty or Hessian-vector "
+                "product) through DEQ(backward='implicit') is not supported: the adjoint solve "
+                "is not differentiable. Use DEQ(backward='unrolled') for higher derivatives.")
         fz, z = ctx.saved_tensors
 
         def vjp(y: Tensor) -> Tensor:

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .backward import BACKWARD_STRATEGIES, BackwardConfig, attach_gradient
+from .backward import BackwardConfig, attach_gradient, report_failure
+from .regularize import weight_cache
 from .solvers import Solver, SolverTrace, get_solver, solve
 
 __all__ = ["DEQ", "DEQOutput"]
@@ -41,6 +42,13 @@ class DEQ(nn.Module):
             has it, else ``zeros_like(x)``.
         warm_start: reuse the previous call's fixed point as the start when its shape
             matches (fixed-point reuse across training steps or a sequence of inputs).
+        on_failure: what happens when the forward solve, or the adjoint solve of the
+            implicit backward pass, stops without meeting its tolerance (status
+            ``"max_iter"`` or ``"diverged"``): ``"warn"`` (default) issues a
+            :class:`deqlite.backward.DEQConvergenceWarning` naming the solve and its
+            residual, ``"raise"`` raises :class:`deqlite.ConvergenceError` (which carries
+            the trace), ``"ignore"`` only records it in the trace (use it where a capped
+            solve is intended, e.g. a fixed small ``max_iter`` during training).
         backward_callback: called with the adjoint solve's :class:`SolverTrace`.
 
     After a backward pass, ``last_backward_trace`` holds the adjoint solve's trace.
@@ -75,7 +83,7 @@ class DEQ(nn.Module):
         phantom_tau: float = 0.5,
         init: Optional[Callable[[Tensor], Tensor]] = None,
         warm_start: bool = False,
-        on_failure: str = "ignore",
+        on_failure: str = "warn",
         backward_callback: Optional[Callable[[SolverTrace], None]] = None,
     ):
         super().__init__()
@@ -102,12 +110,10 @@ class DEQ(nn.Module):
         self.backward_config = BackwardConfig(
             strategy=backward, solver=backward_solver, solver_options=dict(backward_solver_options or {}),
             tol=backward_tol, max_iter=backward_max_iter, stop="rel", phantom_k=phantom_k,
-            phantom_tau=phantom_tau)
+            phantom_tau=phantom_tau, on_failure=on_failure)
         self.init = init
         self.warm_start = warm_start
-        if on_failure not in ("warn", "raise", "ignore"):
-            raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
-        self.on_failure = on_failure
+        self.on_failure = on_failure  # validated by BackwardConfig above
         self.backward_callback = backward_callback
         self.last_backward_trace: Optional[SolverTrace] = None
         self._last_z: Optional[Tensor] = None
@@ -147,18 +153,33 @@ class DEQ(nn.Module):
         def fx(z: Tensor) -> Tensor:
             return self.f(z, x)
 
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        unrolled = needs_grad and self.backward == "unrolled"
-        # parametrised weights (make_contractive) are computed once per solve, not per step;
-        # the solve runs without grad, so the gradient step gets its own cache with a graph
-        with parametrize.cached():
+        with weight_cache():  # contractive weights: one SVD per grad mode, not one per step
+            needs_grad = self._needs_grad(fx, z0, x)
+            unrolled = needs_grad and self.backward == "unrolled"
+            # a user's enclosing torch `parametrize.cached()` block would keep the weight the
+            # no-grad solve computed and hand it to the gradient step: drop what the solve added
+            torch_cache = dict(parametrize._cache) if parametrize._cache_enabled else None
             z_star, trace = solve(fx, z0, solver=cfg["solver"], tol=cfg["tol"], max_iter=cfg["max_iter"],
-                                  stop=cfg["stop"], callback=callback, on_failure=self.on_failure,
+                                  stop=cfg["stop"], callback=callback, on_failure="ignore",
                                   grad=unrolled, **cfg["options"])
-        if self.warm_start:
-            self._last_z = z_star.detach()
-        if needs_grad and not unrolled:
-            with parametrize.cached():
+            if torch_cache is not None and not unrolled:
+                parametrize._cache.clear()
+                parametrize._cache.update(torch_cache)
+            report_failure(trace, self.on_failure, "forward", stacklevel=5)  # -> the caller of deq(x)
+            if self.warm_start:
+                self._last_z = z_star.detach()
+            if needs_grad and not unrolled:
                 z_star = attach_gradient(fx, z_star, self.backward_config, self._record_backward)
         return DEQOutput(z_star, trace)
+
+    def _needs_grad(self, fx: Callable[[Tensor], Tensor], z0: Tensor, x: Any) -> bool:
+        """Whether the output must carry a gradient: grad mode is on and ``f`` depends on
+        something that requires grad (``x``, this module's parameters, or tensors that a
+        plain function captured in a closure, found by one probing evaluation of ``f``)."""
+        if not torch.is_grad_enabled():
+            return False
+        if (isinstance(x, Tensor) and x.requires_grad) or any(p.requires_grad for p in self.parameters()):
+            return True
+        with torch.enable_grad():
+            probe = fx(z0)
+        return isinstance(probe, Tensor) and probe.requires_grad

@@ -1,14 +1,41 @@
 """Keeping ``f`` well behaved: contractive weights and the Jacobian regulariser."""
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Union
+import threading
+from contextlib import contextmanager
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["SpectralScale", "make_contractive", "jacobian_frobenius"]
+__all__ = ["SpectralScale", "make_contractive", "jacobian_frobenius", "weight_cache"]
+
+# One cache per thread: torch's own ``parametrize.cached()`` is one global dict, so two
+# threads (or a user's enclosing ``cached()`` block) could hand a weight computed under
+# no_grad to a gradient step, which then silently gets no gradient.
+_LOCAL = threading.local()
+
+
+@contextmanager
+def weight_cache() -> Iterator[None]:
+    """Compute each :class:`SpectralScale` weight once per grad mode inside this block.
+
+    A solve evaluates ``f`` dozens of times; the spectral normalisation (an SVD) is the same
+    each time, so :class:`deqlite.DEQ` wraps its solve and gradient step in this block. The
+    cache is per thread and keyed on the grad mode and the weight's version counter, so a
+    weight computed without grad is never reused where a gradient is needed, and an
+    optimizer step (in place) invalidates it. Nested blocks share the outermost cache.
+    """
+    if getattr(_LOCAL, "cache", None) is not None:
+        yield
+        return
+    _LOCAL.cache = {}
+    try:
+        yield
+    finally:
+        _LOCAL.cache = None
 
 
 class SpectralScale(nn.Module):
@@ -33,6 +60,8 @@ class SpectralScale(nn.Module):
         self.radius, self.mode, self.n_power = float(radius), mode, int(n_power)
         self.exact = max(weight.shape[0], weight[0].numel()) <= exact_max
         mat = weight.detach().reshape(weight.shape[0], -1)
+        if mat.dtype not in (torch.float32, torch.float64):
+            mat = mat.float()
         g = torch.Generator(device="cpu").manual_seed(0)
         u = torch.randn(mat.shape[0], generator=g, dtype=torch.float64).to(mat)
         self.register_buffer("_u", F_.normalize(u, dim=0))
@@ -40,7 +69,7 @@ class SpectralScale(nn.Module):
             self._power(mat, 30)
 
     def _power(self, mat: Tensor, steps: int) -> None:
-        u = self._u
+        u = self._u.to(mat.dtype)
         for _ in range(steps):
             v = F_.normalize(mat.T @ u, dim=0)
             u = F_.normalize(mat @ v, dim=0)
@@ -53,16 +82,27 @@ class SpectralScale(nn.Module):
         if self.training:
             with torch.no_grad():
                 self._power(mat, self.n_power)
-        u = self._u
+        u = self._u.to(mat.dtype)
         v = F_.normalize(mat.T @ u, dim=0).detach()
         return u @ mat @ v  # differentiable in the weight
 
     def forward(self, weight: Tensor) -> Tensor:
-        s = self.sigma(weight)
+        cache: Optional[Dict[Tuple, Tensor]] = getattr(_LOCAL, "cache", None)
+        if cache is not None:
+            key = (id(self), torch.is_grad_enabled(), weight._version, weight.data_ptr())
+            hit = cache.get(key)
+            if hit is not None:
+                return hit
+        # sigma in at least float32: torch.linalg has no half-precision SVD
+        work = weight if weight.dtype in (torch.float32, torch.float64) else weight.float()
+        s = self.sigma(work)
         scale = self.radius / s
         if self.mode == "clip":
             scale = torch.clamp(scale, max=1.0)
-        return weight * scale
+        out = (work * scale).to(weight.dtype)
+        if cache is not None:
+            cache[key] = out
+        return out
 
 
 def make_contractive(module: nn.Module, radius: float = 0.9, *, method: str = "spectral",
