@@ -19,6 +19,20 @@ def _flat_f(f: Callable[[Tensor], Tensor], z: Tensor):
     return (lambda zf: f(zf.view(shape)).reshape(B, -1)), z.detach().reshape(B, -1)
 
 
+def _check_batched(f: object, z: object, n_iter: object, name: str) -> None:
+    if not callable(f):
+        raise TypeError(f"{name}: f must be callable, got {type(f).__name__}")
+    if not isinstance(z, Tensor) or not z.is_floating_point():
+        raise TypeError(f"{name}: z must be a floating-point torch.Tensor of shape (B, ...), "
+                        f"got {type(z).__name__ if not isinstance(z, Tensor) else z.dtype}")
+    if z.dim() < 2 or z.shape[0] == 0:
+        # an unbatched (D,) state would be read as D samples of one entry each: a wrong answer
+        raise ValueError(f"{name}: z has shape {tuple(z.shape)} but states are batched as (B, ...) "
+                         f"with B >= 1; for a single state use z.unsqueeze(0)")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 2:
+        raise ValueError(f"{name}: n_iter must be an integer >= 2, got {n_iter!r}")
+
+
 def _jvp(f_flat, z: Tensor, v: Tensor) -> Tensor:
     return torch.func.jvp(f_flat, (z,), (v,))[1]
 
@@ -37,6 +51,7 @@ def spectral_radius(f: Callable[[Tensor], Tensor], z: Tensor, n_iter: int = 50, 
         >>> round(spectral_radius(lambda z: z @ A.T, torch.zeros(1, 2)).item(), 3)
         0.8
     """
+    _check_batched(f, z, n_iter, "spectral_radius")
     f_flat, zf = _flat_f(f, z)
     g = torch.Generator().manual_seed(seed)
     v = F_.normalize(torch.randn(zf.shape, generator=g, dtype=torch.float64).to(zf), dim=1)
@@ -57,6 +72,7 @@ def jacobian_norm(f: Callable[[Tensor], Tensor], z: Tensor, n_iter: int = 30, se
     ``< 1`` means ``f`` is locally a contraction in the Euclidean norm (a sufficient
     condition; :func:`spectral_radius` ``< 1`` is the necessary and sufficient local one).
     """
+    _check_batched(f, z, n_iter, "jacobian_norm")
     f_flat, zf = _flat_f(f, z)
     g = torch.Generator().manual_seed(seed)
     v = F_.normalize(torch.randn(zf.shape, generator=g, dtype=torch.float64).to(zf), dim=1)
@@ -140,6 +156,9 @@ def diagnose(f: Callable[[Tensor], Tensor], z0: Tensor, trace: Optional[SolverTr
         >>> d.trend
         'growing'
     """
+    if trace is not None and not isinstance(trace, SolverTrace):
+        raise TypeError(f"trace must be the SolverTrace returned by deqlite.solve (or None to "
+                        f"re-run the solve), got {type(trace).__name__}")
     if trace is None or trace.iterates is None:
         _, trace = solve(f, z0, solver=solver if trace is None else _solver_name(trace, solver),
                          tol=tol if trace is None else trace.tol, max_iter=max_iter if trace is None else max(trace.n_steps, 2),

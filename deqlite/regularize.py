@@ -53,8 +53,8 @@ class SpectralScale(nn.Module):
     def __init__(self, weight: Tensor, radius: float = 0.9, mode: str = "clip", n_power: int = 1,
                  exact_max: int = 512):
         super().__init__()
-        if not (radius > 0):
-            raise ValueError(f"radius must be > 0, got {radius!r}")
+        if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not (0 < radius < float("inf")):
+            raise ValueError(f"radius must be a finite number > 0, got {radius!r}")
         if mode not in ("clip", "fix"):
             raise ValueError(f"mode must be 'clip' or 'fix', got {mode!r}")
         self.radius, self.mode, self.n_power = float(radius), mode, int(n_power)
@@ -158,6 +158,11 @@ def jacobian_frobenius(fz: Tensor, z: Tensor, n_samples: int = 1, create_graph: 
         >>> bool(((est.mean() / A.pow(2).sum()) - 1).abs() < 0.1)
         True
     """
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be an integer >= 1 (the number of random probe vectors), "
+                         f"got {n_samples!r}")
+    if not isinstance(fz, Tensor) or not isinstance(z, Tensor):
+        raise TypeError(f"fz and z must be tensors, got {type(fz).__name__} and {type(z).__name__}")
     if not z.requires_grad:
         raise ValueError("z must require grad and fz must be computed from it: "
                          "z = z.detach().requires_grad_(); fz = f(z, x)")

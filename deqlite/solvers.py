@@ -28,6 +28,9 @@ __all__ = [
 ]
 
 SOLVERS: Dict[str, Type["Solver"]] = {}
+# solvers defined in modules that ``import deqlite`` does not load eagerly: the name is known
+# from the start, and its module is imported the first time the name is asked for
+_DEFERRED: Dict[str, str] = {"hyper": "deqlite.hyper"}
 STATUSES = ("converged", "max_iter", "diverged")
 
 
@@ -54,7 +57,15 @@ def register_solver(name: str) -> Callable[[Type["Solver"]], Type["Solver"]]:
 
 def available_solvers() -> List[str]:
     """Names accepted by ``solve(..., solver=...)``."""
-    return sorted(SOLVERS)
+    return sorted(set(SOLVERS) | set(_DEFERRED))
+
+
+def _lookup(name: str) -> Type["Solver"]:
+    if name not in SOLVERS and name in _DEFERRED:
+        import importlib
+
+        importlib.import_module(_DEFERRED[name])  # registers the name
+    return SOLVERS[name]
 
 
 # --------------------------------------------------------------------------------------
@@ -470,9 +481,9 @@ def get_solver(solver: Union[str, Solver], **options: Any) -> Solver:
         solver = solver.name
     if not isinstance(solver, str):
         raise TypeError(f"solver must be a name or a Solver object, got {type(solver).__name__}")
-    if solver not in SOLVERS:
+    if solver not in SOLVERS and solver not in _DEFERRED:
         raise ValueError(f"unknown solver {solver!r}; registered solvers: {', '.join(available_solvers())}")
-    cls = SOLVERS[solver]
+    cls = _lookup(solver)
     valid = cls.options()
     unknown = sorted(set(options) - set(valid))
     if unknown:
@@ -553,6 +564,9 @@ def solve(
         raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable (it receives a StepInfo each step) or None, "
+                        f"got {type(callback).__name__}")
 
     shape = z0.shape
     B = shape[0]
