@@ -289,6 +289,9 @@ class DeltaLinear(DeltaLayer, nn.Linear):
                  threshold: float = 0.0, train_threshold: float | None = None, memory: str = "reset",
                  sparse: bool = False, enabled: bool = True, track: bool = True,
                  record_fired: bool = False, device: Any = None, dtype: Any = None) -> None:
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"DeltaLinear: {name} must be an integer >= 1, got {v!r}")
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._init_delta(threshold, train_threshold, memory, sparse, enabled, track, record_fired)
 
@@ -364,6 +367,10 @@ class DeltaConv2d(DeltaLayer, nn.Conv2d):
                  train_threshold: float | None = None, memory: str = "reset", sparse: bool = False,
                  enabled: bool = True, track: bool = True, record_fired: bool = False,
                  device: Any = None, dtype: Any = None) -> None:
+        ks = kernel_size if isinstance(kernel_size, (tuple, list)) else (kernel_size,)
+        if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+            raise ValueError(f"DeltaConv2d: kernel_size must be a positive int or a pair of them, "
+                             f"got {kernel_size!r}")
         if padding_mode != "zeros":
             raise ValueError(f"DeltaConv2d supports padding_mode='zeros' only, got "
                              f"{padding_mode!r}; pad the input yourself (F.pad) before the layer")
@@ -513,6 +520,10 @@ def to_delta(model: nn.Module, **options: Any) -> nn.Module:
     Parametrized layers (e.g. ``torch.nn.utils.parametrizations.spectral_norm``) are refused:
     build those with :class:`DeltaLinear` / :class:`DeltaConv2d` directly and parametrize them.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"to_delta expects an nn.Module (a model or a Linear/Conv2d layer), got "
+                        f"{type(model).__name__}")
+
     def convert(m: nn.Module) -> nn.Module:
         if isinstance(m, DeltaLayer):
             return m

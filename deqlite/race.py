@@ -182,6 +182,15 @@ def anderson_conditioning(f, z0: Tensor, *, m: int = 5, max_iter: int = 50, tol:
 # --------------------------------------------------------------------------------------
 
 
+def _check_traces(traces: Any) -> None:
+    if not isinstance(traces, Mapping) or not traces:
+        raise ValueError(f"traces must be a non-empty {{name: SolverTrace}} mapping (what race() "
+                         f"returns), got {type(traces).__name__}{' (empty)' if isinstance(traces, Mapping) else ''}")
+    for name, tr in traces.items():
+        if not isinstance(tr, SolverTrace):
+            raise TypeError(f"traces[{name!r}] must be a SolverTrace, got {type(tr).__name__}")
+
+
 def race_figure(traces: Mapping[str, SolverTrace], *, tol: Optional[float] = None,
                 title: Optional[str] = None, height: int = 420, max_steps: Optional[int] = None):
     """Residual per function evaluation, one line per solver (worst sample of the batch),
@@ -192,6 +201,7 @@ def race_figure(traces: Mapping[str, SolverTrace], *, tol: Optional[float] = Non
 
     from .viz.theme import COLORWAY, register
 
+    _check_traces(traces)
     fig = go.Figure()
     for i, (name, tr) in enumerate(traces.items()):
         worst = tr.residual.max(dim=1).values.clamp_min(1e-30)  # (T,)
@@ -219,12 +229,17 @@ def race_animation(traces: Mapping[str, SolverTrace], *, sample: int = 0, dims: 
 
     from .viz.theme import COLORWAY, register
 
+    from .viz import _data
+
+    _check_traces(traces)
     paths = {}
     for name, tr in traces.items():
-        if tr.iterates is None:
+        if not tr.iterates:
             raise ValueError(f"the trace of {name!r} holds no iterates: race(..., return_iterates=True)")
-        z = torch.stack(tr.iterates)[:, sample].reshape(len(tr.iterates), -1)  # (T, D)
-        paths[name] = (z[:, dims[0]].tolist(), z[:, dims[1]].tolist())
+        z = _data.pick_sample(torch.stack(tr.iterates).reshape(len(tr.iterates), tr.iterates[0].shape[0], -1).numpy(),
+                              sample)  # (T, D)
+        d0, d1 = _data.check_dims(dims, z.shape[1])
+        paths[name] = (z[:, d0].tolist(), z[:, d1].tolist())
     n = max(len(p[0]) for p in paths.values())
     colors = {name: COLORWAY[i % len(COLORWAY)] for i, name in enumerate(paths)}
 

@@ -201,3 +201,20 @@ def test_compact_warm_start_equals_delta_layer_with_kept_cache():
     assert second.active_rows[-1] < 128  # old pixels froze
     with pytest.raises(ValueError, match="warm must hold"):
         delta_picard_compact(net, x[idx1], 0.02, warm=(z[:3], z, z))
+
+
+@pytest.mark.parametrize("cls", [DEQFourier, DEQSiren])
+def test_main_weight_is_trained(cls):
+    """Regression: W (the spectrally scaled weight inside the fixed point) got no gradient,
+    because the no-grad solve and the gradient step shared one cached weight."""
+    coords, pixels = camera_image(8)
+    net = cls(width=16, resolution=8)
+    out, _, _ = net(coords)
+    ((out - pixels) ** 2).mean().backward()
+    W = net.layer.parametrizations.weight.original
+    assert W.grad is not None and float(W.grad.abs().sum()) > 0
+    net.zero_grad()
+    before = W.detach().clone()
+    fit_inr(net, coords, pixels, steps=3)
+    assert not torch.equal(before, W.detach()), "fit_inr must change W"
+    assert abs(torch.linalg.matrix_norm(net.layer.weight.detach(), 2).item() - 0.97) < 1e-4

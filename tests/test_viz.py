@@ -175,3 +175,27 @@ def test_mime_renderer_entry_point_registered():
 
     names = {ep.value for ep in entry_points(group="myst_nb.mime_renderers")}
     assert "deqlite._book.plotly_mime:PlotlyMimeRenderer" in names, "pip install -e . registers it"
+
+
+def test_explorer_subplot_titles_follow_the_slider():
+    """Regression: subplot titles (layout annotations) were baked in for the initial setting
+    only, so the delta chapter showed threshold-0 numbers at every threshold."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from deqlite.viz import Explorer
+
+    def render(a):
+        fig = make_subplots(rows=1, cols=2, subplot_titles=(f"{a:.1f} dB", f"{10 * a:.0f}% saved"))
+        fig.add_trace(go.Scatter(x=[0, 1], y=[0, a]), 1, 1)
+        fig.add_trace(go.Scatter(x=[0, 1], y=[a, 0]), 1, 2)
+        return fig
+
+    ex = Explorer(lambda a: a, {"a": [1.0, 2.0, 3.0]}, render)
+    steps = ex.figure().layout.sliders[0].steps
+    for step, a in zip(steps, [1.0, 2.0, 3.0]):
+        texts = [ann["text"] for ann in step.args[1]["annotations"]]
+        assert texts == [f"{a:.1f} dB", f"{10 * a:.0f}% saved"]
+    box = ex.widget()
+    box.sliders["a"].value = 3.0
+    assert [ann.text for ann in box.figure.layout.annotations] == ["3.0 dB", "30% saved"]

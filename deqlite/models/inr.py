@@ -29,6 +29,7 @@ from torch.nn.utils import parametrize
 
 from ..delta import DeltaLinear, delta_mode, mac_summary, reset_all
 from ..solvers import SolverTrace, solve
+from ..regularize import SpectralScale, weight_cache
 
 __all__ = [
     "DEQINR",
@@ -39,7 +40,6 @@ __all__ = [
     "FitResult",
     "IterationTiming",
     "SequenceRun",
-    "SpectralScale",
     "delta_picard_compact",
     "evaluate_delta",
     "fit_inr",
@@ -50,24 +50,6 @@ __all__ = [
     "time_iterations",
     "time_sequence",
 ]
-
-
-class SpectralScale(nn.Module):
-    """Parametrization ``W -> scale * W / ||W||_2`` (exact largest singular value).
-
-    The exact norm (an SVD of a ``D x D`` matrix) is cheap at INR widths and has no power-
-    iteration state; wrap repeated calls in ``torch.nn.utils.parametrize.cached()`` so a DEQ
-    solve computes it once, not once per iteration.
-    """
-
-    def __init__(self, scale: float = 0.97) -> None:
-        super().__init__()
-        if not 0 < scale:
-            raise ValueError(f"scale must be > 0, got {scale!r}")
-        self.scale = float(scale)
-
-    def forward(self, W: Tensor) -> Tensor:
-        return W * (self.scale / torch.linalg.matrix_norm(W, ord=2))
 
 
 def psnr(pred: Tensor, target: Tensor, data_range: float = 2.0) -> float:
@@ -130,7 +112,9 @@ class DEQINR(nn.Module):
         self.layer = DeltaLinear(width, width, enabled=False)
         self.layer.weight = uniform((width, width), 1.0 / math.sqrt(width))
         self.layer.bias = uniform((width,), 1.0 / math.sqrt(width))
-        parametrize.register_parametrization(self.layer, "weight", SpectralScale(spectral_scale))
+        # ||W||_2 fixed to spectral_scale (exact, one SVD per solve and grad mode: weight_cache)
+        parametrize.register_parametrization(
+            self.layer, "weight", SpectralScale(self.layer.weight, spectral_scale, mode="fix"))
         self.readout = nn.Linear(width, out_dim)
         self.readout.weight = uniform((out_dim, width), 1.0 / math.sqrt(width))
         self.readout.bias = nn.Parameter(torch.zeros(out_dim))
@@ -171,7 +155,10 @@ class DEQINR(nn.Module):
         """
         if solver == "km" and not solver_options:
             solver_options = {"beta": 0.9}
-        with parametrize.cached():
+        # weight_cache, not torch's parametrize.cached(): the no-grad solve and the gradient
+        # step below must not share one weight (a weight computed without grad would leave
+        # W untrained: its .grad stayed None)
+        with weight_cache():
             g, h = self.injection(x)
             if z0 is None:
                 z0 = torch.zeros(x.shape[0], self.width, dtype=g.dtype, device=g.device)
@@ -382,7 +369,7 @@ def time_iterations(model: DEQINR, coords: Tensor, threshold: float, *, n_iter: 
     layer = model.layer
 
     def run(delta: bool) -> float:
-        with torch.no_grad(), parametrize.cached():
+        with torch.no_grad(), weight_cache():
             g, h = model.injection(coords)
             layer.reset()
             z = torch.zeros(coords.shape[0], model.width, dtype=g.dtype)
@@ -484,7 +471,7 @@ def delta_picard_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     model.eval()
     fourier = model.kind == "fourier"
-    with torch.no_grad(), parametrize.cached():
+    with torch.no_grad(), weight_cache():
         W, bias = model.layer.weight, model.layer.bias
         D = model.width
         g, h = model.injection(x)
@@ -584,7 +571,7 @@ def time_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter: int,
     model.eval()
 
     def dense() -> float:
-        with torch.no_grad(), parametrize.cached():
+        with torch.no_grad(), weight_cache():
             t0 = time.perf_counter()
             g, h = model.injection(x)
             W, b = model.layer.weight, model.layer.bias
@@ -718,7 +705,7 @@ def time_sequence(model: DEQINR, coords: Tensor, pixels: Tensor, frames: list[Te
 
     def dense() -> tuple[float, list[int], list[float]]:
         iters, ps = [], []
-        with torch.no_grad(), parametrize.cached():
+        with torch.no_grad(), weight_cache():
             t0 = time.perf_counter()
             W, b = model.layer.weight, model.layer.bias
             z_prev, idx_prev = None, None

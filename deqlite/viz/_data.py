@@ -33,13 +33,37 @@ def residual(trace: Any, kind: str = "rel") -> np.ndarray:
             f"got {type(trace).__name__}"
         )
     r = to_numpy(value)
+    if r.ndim == 0 or r.shape[0] == 0 or r.size == 0:
+        raise ValueError(f"the trace holds no steps ({names[kind]} has shape {r.shape}); "
+                         f"a figure needs a trace from a solve that ran at least one step")
     return r[:, None] if r.ndim == 1 else r.reshape(r.shape[0], -1)  # (T, B)
+
+
+def pick_sample(arr: np.ndarray, sample: Any, axis: int = 1) -> np.ndarray:
+    """``arr`` indexed at batch ``sample`` along ``axis``, with an error that names the range."""
+    n = arr.shape[axis]
+    if isinstance(sample, bool) or not isinstance(sample, (int, np.integer)) or not -n <= sample < n:
+        raise ValueError(f"sample={sample!r} is not a batch index: the trace has B={n} "
+                         f"sample(s), so use 0..{n - 1}")
+    return np.take(arr, int(sample), axis=axis)
+
+
+def check_dims(dims: Any, n_dims: int) -> tuple[int, int]:
+    """Two distinct state dimensions in range, or a ValueError saying which exist."""
+    ok = (isinstance(dims, (tuple, list)) and len(dims) == 2
+          and all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and 0 <= d < n_dims for d in dims))
+    if not ok:
+        hint = ("the state has one dimension: plot the residual (residual_figure) instead"
+                if n_dims < 2 else f"pick two of 0..{n_dims - 1}")
+        raise ValueError(f"dims={dims!r} must be two state dimensions; the iterates have "
+                         f"{n_dims} dimension(s): {hint}")
+    return int(dims[0]), int(dims[1])
 
 
 def reduce_batch(r: np.ndarray, reduce: str | int = "max") -> np.ndarray:
     """(T, B) -> (T,): "max" (the slowest sample), "mean", "median", or one sample index."""
-    if isinstance(reduce, (int, np.integer)):
-        return r[:, int(reduce)]
+    if isinstance(reduce, (int, np.integer)) and not isinstance(reduce, bool):
+        return pick_sample(r, reduce)
     ops = {"max": np.max, "mean": np.mean, "median": np.median, "min": np.min}
     if reduce not in ops:
         raise ValueError(f"reduce must be an int sample index or one of {sorted(ops)}, got {reduce!r}")
@@ -59,6 +83,9 @@ def iterates(trace: Any) -> np.ndarray:
             "(e.g. deqlite.solve(f, z0, return_iterates=True))"
         )
     if isinstance(its, (list, tuple)):
+        if len(its) == 0:
+            raise ValueError("no iterates: the trace (or list) is empty; solve with "
+                             "return_iterates=True and at least one step")
         arr = np.stack([to_numpy(z) for z in its])
     else:
         arr = to_numpy(its)
@@ -70,7 +97,12 @@ def iterates(trace: Any) -> np.ndarray:
 def as_named(traces: Any) -> dict[str, Any]:
     """One trace, a sequence of traces, or a name -> trace mapping, as a dict name -> trace."""
     if isinstance(traces, Mapping) and not _looks_like_trace_dict(traces):
+        if not traces:
+            raise ValueError("no traces to plot: pass a SolverTrace, a list of them or a "
+                             "{name: trace} mapping with at least one entry")
         return dict(traces)
+    if isinstance(traces, Sequence) and not isinstance(traces, (str, bytes)) and len(traces) == 0:
+        raise ValueError("no traces to plot: the list is empty")
     if isinstance(traces, Sequence) and not isinstance(traces, (str, bytes)):
         named: dict[str, Any] = {}
         for i, t in enumerate(traces):

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly.basedatatypes import BaseFigure
 
 from .theme import register
 
@@ -91,6 +92,13 @@ class Explorer:
         unknown = set(initial) - set(self.grid)
         if unknown:
             raise ValueError(f"initial has parameters {sorted(unknown)} not in grid {sorted(self.grid)}")
+        for name, value in initial.items():
+            if value not in list(self.grid[name]):
+                raise ValueError(f"initial[{name!r}] = {value!r} is not one of the grid values "
+                                 f"{list(self.grid[name])}; pick one of them")
+        for name in ("compute", "render"):
+            if not callable(getattr(self, name)):
+                raise TypeError(f"{name} must be callable, got {type(getattr(self, name)).__name__}")
         self.initial = {name: initial.get(name, list(values)[0]) for name, values in self.grid.items()}
 
     # ---- computing -------------------------------------------------------------------
@@ -107,7 +115,11 @@ class Explorer:
 
     def figure_for(self, **params: Any) -> go.Figure:
         """The figure of one setting (no slider)."""
-        fig = go.Figure(self.render(self.result(**params)))
+        rendered = self.render(self.result(**params))
+        if not isinstance(rendered, BaseFigure):
+            raise TypeError(f"render must return a plotly go.Figure, got {type(rendered).__name__} "
+                            f"(for the setting {dict(params)})")
+        fig = go.Figure(rendered)
         if self.title:
             fig.update_layout(title_text=self.title.format(**params))
         if fig.layout.template is None or fig.layout.template.layout.colorway is None:
@@ -143,7 +155,7 @@ class Explorer:
         for label, f in zip(labels, figs):
             traces = [tr.to_plotly_json() for tr in f.data]
             restyle = {k: [tr.get(k) for tr in traces] for k in keys}
-            relayout = {"title.text": f.layout.title.text} if f.layout.title.text is not None else {}
+            relayout = _layout_text(f)
             steps.append(dict(method="update", label=label, args=[restyle, relayout]))
         prefix = f"{next(iter(self.grid))} = " if len(self.grid) == 1 else ""
         slider = dict(active=active, currentvalue=dict(prefix=prefix), pad=dict(t=50), steps=steps)
@@ -218,6 +230,7 @@ class Explorer:
                     fw.data = []
                     fw.add_traces(list(fig.data))
                 fw.layout.title = fig.layout.title
+                fw.layout.annotations = fig.layout.annotations  # subplot titles carry numbers too
             status.value = ""
 
         for s in sliders.values():
@@ -232,6 +245,18 @@ class Explorer:
         if live is None:
             live = want_live()
         return self.widget() if live else self.figure()
+
+
+def _layout_text(fig: go.Figure) -> dict[str, Any]:
+    """The parts of a setting's layout that hold text computed from it: the title and the
+    annotations (``make_subplots`` puts subplot titles there). A slider step sets them
+    all, so every number a figure shows belongs to the slider position shown."""
+    out: dict[str, Any] = {}
+    if fig.layout.title.text is not None:
+        out["title.text"] = fig.layout.title.text
+    if fig.layout.annotations:
+        out["annotations"] = [a.to_plotly_json() for a in fig.layout.annotations]
+    return out
 
 
 def explore(

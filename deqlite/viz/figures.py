@@ -112,9 +112,8 @@ def convergence_animation(
     Returns:
         A figure with a play/pause button and a step slider (frames baked in).
     """
-    z = _data.iterates(trace)[:, sample, :]  # (T, D)
-    if z.shape[1] <= max(dims):
-        raise ValueError(f"dims={dims} needs at least {max(dims) + 1} state dimensions, the iterates have {z.shape[1]}")
+    z = _data.pick_sample(_data.iterates(trace), sample)  # (T, D)
+    dims = _data.check_dims(dims, z.shape[1])
     x, y = z[:, dims[0]], z[:, dims[1]]
     n = len(x)
     path = dict(mode="lines+markers", line=dict(color=COLORWAY[0], width=2), marker=dict(size=5), name="iterates z_k")
@@ -164,8 +163,12 @@ def iterate_figure(
         sample: which batch sample to show.
         kind: residual on the right panel, ``"rel"``, ``"abs"`` or ``"stop"``.
     """
-    z = _data.iterates(trace)[:, sample, :]  # (T, D)
-    r = np.maximum(_data.residual(trace, kind)[:, sample], TINY)  # (T,)
+    z = _data.pick_sample(_data.iterates(trace), sample)  # (T, D)
+    dims = _data.check_dims(dims, z.shape[1])
+    r = np.maximum(_data.pick_sample(_data.residual(trace, kind), sample), TINY)  # (T,)
+    if len(r) != len(z):
+        raise ValueError(f"the trace has {len(z)} iterates but {len(r)} residual rows: pass the "
+                         f"SolverTrace of one solve made with return_iterates=True")
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.14,
                         subplot_titles=("iterates z_k in the state plane", "residual per step"))
     fig.add_trace(go.Scatter(x=z[:, dims[0]], y=z[:, dims[1]], mode="lines+markers", name="z_k",
