@@ -14,6 +14,11 @@ carries the chosen gradient:
   the number of steps; for teaching and tests).
 
 No hooks are stored on modules: the implicit strategy is a custom autograd function.
+
+Higher derivatives (``create_graph=True``): ``unrolled`` gives exact ones (autograd runs
+through the iterations); ``implicit`` refuses with a ``RuntimeError`` (its adjoint solve has
+no graph, so a second derivative would be silently wrong); ``jacobian_free`` and
+``phantom`` differentiate their own surrogate graphs (approximations, like their gradients).
 """
 from __future__ import annotations
 

@@ -273,3 +273,38 @@ def test_one_model_shared_by_two_threads():
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+# ---------------------------------------------------------------- closed forms, every strategy
+
+def _affine_grad(strategy, k=7, tau=0.5):
+    """dL/dx for f(z, x) = A z + x and L = <c, z*>, from the strategy."""
+    g = torch.Generator().manual_seed(3)
+    A = spectral_rescale(torch.randn(D, D, generator=g, dtype=torch.float64), 0.7)
+    c = torch.randn(B, D, generator=g, dtype=torch.float64)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64, requires_grad=True)
+    deq = DEQ(lambda z, x: z @ A.T + x, solver="anderson", tol=1e-13, max_iter=300, backward=strategy,
+              backward_tol=1e-13, backward_max_iter=300, phantom_k=k, phantom_tau=tau)
+    z, _ = deq(x)
+    (gx,) = torch.autograd.grad((c * z).sum(), x)
+    return A, c, gx
+
+
+@pytest.mark.parametrize("strategy", ["implicit", "unrolled"])
+def test_exact_strategies_match_closed_form(strategy):
+    A, c, gx = _affine_grad(strategy)
+    expected = torch.linalg.solve((torch.eye(D, dtype=A.dtype) - A).T, c.T).T  # (I - A)^{-T} c
+    assert torch.allclose(gx, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_jacobian_free_is_the_closed_form_with_J_zero():
+    _, c, gx = _affine_grad("jacobian_free")
+    assert torch.allclose(gx, c, rtol=1e-12, atol=1e-12)  # dz*/dx replaced by df/dx = I
+
+
+def test_phantom_is_its_closed_form_truncated_series():
+    k, tau = 7, 0.5
+    A, c, gx = _affine_grad("phantom", k=k, tau=tau)
+    M = (1 - tau) * torch.eye(D, dtype=A.dtype) + tau * A  # one damped step's Jacobian
+    series = sum(torch.linalg.matrix_power(M, j) for j in range(k))
+    assert torch.allclose(gx, tau * c @ series, rtol=1e-10, atol=1e-12)
