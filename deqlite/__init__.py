@@ -17,6 +17,13 @@ _LAZY_SUBMODULES = {"viz", "delta", "hyper", "analysis", "models", "data", "back
                     "diagnostics", "regularize", "problems", "training", "race"}
 _LAZY_ATTRS = {
     "DEQ": "deq",
+    "Implicit": "backward",
+    "JacobianFree": "backward",
+    "Phantom": "backward",
+    "Unrolled": "backward",
+    "GradientStrategy": "backward",
+    "register_gradient": "backward",
+    "available_gradients": "backward",
     "diagnose": "diagnostics",
     "spectral_radius": "diagnostics",
     "jacobian_frobenius": "regularize",
@@ -40,6 +47,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["solve", "SolverTrace", "StepInfo", "Solver", "ConvergenceError", "available_solvers",
-           "get_solver", "register_solver", "DEQ", "diagnose", "spectral_radius",
+           "get_solver", "register_solver", "DEQ", "Implicit", "JacobianFree", "Phantom", "Unrolled",
+           "GradientStrategy", "register_gradient", "available_gradients", "diagnose", "spectral_radius",
            "jacobian_frobenius", "make_contractive", "DeltaLinear", "DeltaConv2d", "delta_mode",
            "mac_summary", "HyperSolver", "train_hypersolver", "hyper_solve"]

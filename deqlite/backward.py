@@ -1,19 +1,24 @@
-"""Gradient strategies for a fixed point ``z* = f(z*, x)``.
+"""Gradient strategies for a fixed point ``z* = f(z*, x)``: small objects, chosen per layer.
 
-All of them take the fixed point found by the forward solver (however it was found) and
-return a tensor equal (up to the solver tolerance) to ``z*`` whose autograd graph
-carries the chosen gradient:
+Every strategy takes the fixed point found by the forward solver (however it was found)
+and returns a tensor equal (up to the solver tolerance) to ``z*`` whose autograd graph
+carries its gradient. Like optimistix's "adjoints", a strategy holds only its own settings
+and is passed to :class:`deqlite.DEQ` next to the forward solver:
 
-- ``implicit``: the exact gradient by the implicit function theorem (Bai et al. 2019,
-  Thm. 1), ``dL/dtheta = g^T df/dtheta`` where ``g = J^T g + dL/dz*`` is itself a
-  fixed-point problem, solved with any registered solver.
-- ``jacobian_free``: treat ``J`` as zero, ``g = dL/dz*`` (one step of ``f``; Fung et al. 2022).
-- ``phantom``: ``k`` damped unrolled steps ``z <- (1 - tau) z + tau f(z, x)`` from ``z*``
-  (Geng et al. 2021); approaches ``implicit`` as ``k`` grows.
-- ``unrolled``: backprop through the forward solver's own iterations (memory grows with
-  the number of steps; for teaching and tests).
+- :class:`Implicit` (``"implicit"``): the exact gradient by the implicit function theorem
+  (Bai et al. 2019, Thm. 1), ``dL/dtheta = g^T df/dtheta`` where ``g = J^T g + dL/dz*`` is
+  itself a fixed-point problem, solved with any registered solver.
+- :class:`JacobianFree` (``"jacobian_free"``): treat ``J`` as zero, ``g = dL/dz*`` (one
+  application of ``f``; Fung et al. 2022).
+- :class:`Phantom` (``"phantom"``): ``k`` damped unrolled steps
+  ``z <- (1 - tau) z + tau f(z, x)`` from ``z*`` (Geng et al. 2021); approaches
+  ``implicit`` as ``k`` grows.
+- :class:`Unrolled` (``"unrolled"``): backprop through the forward solver's own
+  iterations (memory grows with the number of steps; for teaching and tests).
 
-No hooks are stored on modules: the implicit strategy is a custom autograd function.
+A new strategy is a frozen dataclass with an ``attach`` method, registered with
+:func:`register_gradient` (see CONTRIBUTING.md). No hooks are stored on modules: the
+implicit strategy is a custom autograd function.
 
 Higher derivatives (``create_graph=True``): ``unrolled`` gives exact ones (autograd runs
 through the iterations); ``implicit`` refuses with a ``RuntimeError`` (its adjoint solve has
@@ -22,55 +27,24 @@ no graph, so a second derivative would be silently wrong); ``jacobian_free`` and
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Type, Union
 
 import torch
 from torch import Tensor
 
-from .solvers import ConvergenceError, SolverTrace, get_solver, solve
+from .solvers import ConvergenceError, Solver, SolverTrace, get_solver, solve
 
-__all__ = ["BackwardConfig", "BACKWARD_STRATEGIES", "FAILURE_POLICIES", "DEQConvergenceWarning",
-           "attach_gradient", "implicit_adjoint", "report_failure"]
+__all__ = ["GradientStrategy", "Implicit", "JacobianFree", "Phantom", "Unrolled", "GRADIENTS",
+           "BACKWARD_STRATEGIES", "FAILURE_POLICIES", "DEQConvergenceWarning", "register_gradient",
+           "available_gradients", "get_gradient", "implicit_adjoint", "report_failure"]
 
-BACKWARD_STRATEGIES = ("implicit", "jacobian_free", "phantom", "unrolled")
-
-
-@dataclass
-class BackwardConfig:
-    """Settings of the gradient strategy (see the module docstring)."""
-
-    strategy: str = "implicit"
-    solver: Any = "anderson"
-    solver_options: Dict[str, Any] = field(default_factory=dict)
-    tol: float = 1e-6
-    max_iter: int = 50
-    stop: str = "rel"
-    phantom_k: int = 5
-    phantom_tau: float = 0.5
-    on_failure: str = "warn"
-
-    def __post_init__(self):
-        if self.strategy not in BACKWARD_STRATEGIES:
-            raise ValueError(f"unknown backward strategy {self.strategy!r}; choose one of "
-                             f"{', '.join(BACKWARD_STRATEGIES)}")
-        get_solver(self.solver, **self.solver_options)  # validates name and options now
-        if not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol > 0):
-            raise ValueError(f"backward tol must be a positive finite number, got {self.tol!r}")
-        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 1:
-            raise ValueError(f"backward max_iter must be an integer >= 1, got {self.max_iter!r}")
-        if isinstance(self.phantom_k, bool) or not isinstance(self.phantom_k, int) or self.phantom_k < 1:
-            raise ValueError(f"phantom_k must be an integer >= 1, got {self.phantom_k!r}")
-        if not (isinstance(self.phantom_tau, (int, float)) and 0 < self.phantom_tau <= 1):
-            raise ValueError(f"phantom_tau must be in (0, 1], got {self.phantom_tau!r}")
-        if self.on_failure not in FAILURE_POLICIES:
-            raise ValueError(f"on_failure must be one of {', '.join(map(repr, FAILURE_POLICIES))}, "
-                             f"got {self.on_failure!r}")
-
-
+GRADIENTS: Dict[str, Type["GradientStrategy"]] = {}
 FAILURE_POLICIES = ("warn", "raise", "ignore")
+Callback = Optional[Callable[[SolverTrace], None]]
 
 
 class DEQConvergenceWarning(RuntimeWarning):
@@ -99,16 +73,166 @@ def report_failure(trace: SolverTrace, policy: str, what: str, stacklevel: int =
     warnings.warn(msg, DEQConvergenceWarning, stacklevel=stacklevel)
 
 
-def implicit_adjoint(vjp: Callable[[Tensor], Tensor], grad: Tensor, config: BackwardConfig,
-                     callback: Optional[Callable[[SolverTrace], None]] = None) -> Tensor:
+def register_gradient(name: str) -> Callable[[Type["GradientStrategy"]], Type["GradientStrategy"]]:
+    """Class decorator: make a :class:`GradientStrategy` available as ``DEQ(backward=name)``."""
+
+    def wrap(cls: Type[GradientStrategy]) -> Type[GradientStrategy]:
+        if not (isinstance(cls, type) and issubclass(cls, GradientStrategy)):
+            raise TypeError(f"register_gradient expects a GradientStrategy subclass, got {cls!r}")
+        GRADIENTS[name] = cls
+        cls.name = name
+        return cls
+
+    return wrap
+
+
+@dataclass(frozen=True)
+class GradientStrategy:
+    """Base class: how a DEQ's output ``z*`` gets its gradient.
+
+    ``attach(f, z_star, on_failure, callback)`` returns ``z*`` re-attached to autograd;
+    ``f`` is the map with the input bound (``z -> f(z, x)``, on flat ``(B, n)`` states).
+    ``through_solver = True`` means the forward solve itself records the graph (then
+    ``attach`` is not called).
+    """
+
+    name: ClassVar[str] = "gradient"
+    through_solver: ClassVar[bool] = False
+
+    def attach(self, f: Callable[[Tensor], Tensor], z_star: Tensor, on_failure: str = "warn",
+               callback: Callback = None) -> Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def options(cls) -> List[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+def _check_int(name: str, value: Any, lo: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+
+
+@register_gradient("implicit")
+@dataclass(frozen=True, eq=False)
+class Implicit(GradientStrategy):
+    """The exact gradient from the implicit function theorem.
+
+    The adjoint ``g = J^T g + dL/dz*`` is solved by ``solver`` (any registered name or a
+    :class:`~deqlite.solvers.Solver`) to ``tol`` within ``max_iter`` steps.
+
+    Example:
+        >>> Implicit(solver="broyden", tol=1e-8).tol
+        1e-08
+    """
+
+    solver: Union[str, Solver] = "anderson"
+    tol: float = 1e-6
+    max_iter: int = 50
+    solver_options: Dict[str, Any] = field(default_factory=dict)
+    stop: str = "rel"
+
+    def __post_init__(self) -> None:
+        get_solver(self.solver, **self.solver_options)  # validates name and options now
+        if not (isinstance(self.tol, (int, float)) and not isinstance(self.tol, bool)
+                and math.isfinite(self.tol) and self.tol > 0):
+            raise ValueError(f"backward tol must be a positive finite number, got {self.tol!r}")
+        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 1:
+            raise ValueError(f"backward max_iter must be an integer >= 1, got {self.max_iter!r}")
+        if self.stop not in ("abs", "rel"):
+            raise ValueError(f"stop must be 'abs' or 'rel', got {self.stop!r}")
+
+    def attach(self, f, z_star, on_failure="warn", callback=None):
+        z = z_star.detach().clone().requires_grad_(True)
+        fz = f(z)
+        return _ImplicitGrad.apply(fz, z, self, on_failure, callback)
+
+
+@register_gradient("jacobian_free")
+@dataclass(frozen=True)
+class JacobianFree(GradientStrategy):
+    """Treat the Jacobian as zero: the gradient of one application of ``f`` at ``z*``."""
+
+    def attach(self, f, z_star, on_failure="warn", callback=None):
+        return f(z_star.detach())
+
+
+@register_gradient("phantom")
+@dataclass(frozen=True)
+class Phantom(GradientStrategy):
+    """``k`` damped steps ``z <- (1 - tau) z + tau f(z)`` from ``z*``, backpropagated."""
+
+    k: int = 5
+    tau: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"phantom_k must be an integer >= 1, got {self.k!r}")
+        if not (isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool) and 0 < self.tau <= 1):
+            raise ValueError(f"phantom_tau must be in (0, 1], got {self.tau!r}")
+
+    def attach(self, f, z_star, on_failure="warn", callback=None):
+        z = z_star.detach()
+        for _ in range(self.k):
+            z = torch.lerp(z, f(z), self.tau)
+        return z
+
+
+@register_gradient("unrolled")
+@dataclass(frozen=True)
+class Unrolled(GradientStrategy):
+    """Backpropagate through the forward solver's iterations (``solve(grad=True)``)."""
+
+    through_solver: ClassVar[bool] = True
+
+    def attach(self, f, z_star, on_failure="warn", callback=None):
+        raise RuntimeError("Unrolled takes its graph from the forward solve; DEQ handles it")
+
+
+BACKWARD_STRATEGIES = tuple(GRADIENTS)  # the registered names, in registration order
+
+
+def available_gradients() -> List[str]:
+    """Names accepted by ``DEQ(backward=...)``."""
+    return list(GRADIENTS)
+
+
+def get_gradient(backward: Union[str, GradientStrategy], **options: Any) -> GradientStrategy:
+    """A strategy object from a registered name (plus its options) or an object.
+
+    >>> get_gradient("phantom", k=8)
+    Phantom(k=8, tau=0.5)
+    """
+    if isinstance(backward, GradientStrategy):
+        if options:
+            raise TypeError(f"options {sorted(options)} were passed next to a {type(backward).__name__} "
+                            f"object; set them on the object instead")
+        return backward
+    if isinstance(backward, type) and issubclass(backward, GradientStrategy):
+        backward = backward.name
+    if not isinstance(backward, str):
+        raise TypeError(f"backward must be a strategy name or a GradientStrategy object (e.g. "
+                        f"deqlite.Implicit(tol=1e-6)), got {type(backward).__name__}")
+    if backward not in GRADIENTS:
+        raise ValueError(f"unknown backward strategy {backward!r}; choose one of {', '.join(GRADIENTS)}")
+    cls = GRADIENTS[backward]
+    unknown = sorted(set(options) - set(cls.options()))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for backward strategy {backward!r}; valid "
+                        f"options: {', '.join(cls.options()) or '(none)'}")
+    return cls(**options)
+
+
+def implicit_adjoint(vjp: Callable[[Tensor], Tensor], grad: Tensor, strategy: Implicit,
+                     on_failure: str = "warn", callback: Callback = None) -> Tensor:
     """Solve the adjoint fixed point ``g = J^T g + grad`` (``vjp(y) = J^T y``), ``(B, ...)``."""
-    g, trace = solve(lambda y: vjp(y) + grad, grad.detach().clone(), solver=config.solver,
-                     tol=config.tol, max_iter=config.max_iter, stop=config.stop,
-                     on_failure="ignore", **config.solver_options)
+    g, trace = solve(lambda y: vjp(y) + grad, grad.detach().clone(), solver=strategy.solver,
+                     tol=strategy.tol, max_iter=strategy.max_iter, stop=strategy.stop,
+                     on_failure="ignore", **strategy.solver_options)
     trace.extra["kind"] = "backward"
     if callback is not None:
         callback(trace)
-    report_failure(trace, config.on_failure, "backward (adjoint)")
+    report_failure(trace, on_failure, "backward (adjoint)")
     return g
 
 
@@ -118,8 +242,8 @@ class _ImplicitGrad(torch.autograd.Function):
     autograd then sends through ``f`` to its parameters and to ``x``."""
 
     @staticmethod
-    def forward(ctx, fz: Tensor, z: Tensor, config: BackwardConfig, callback):  # type: ignore[override]
-        ctx.config, ctx.callback = config, callback
+    def forward(ctx, fz: Tensor, z: Tensor, strategy: Implicit, on_failure: str, callback):  # type: ignore[override]
+        ctx.strategy, ctx.on_failure, ctx.callback = strategy, on_failure, callback
         ctx.save_for_backward(fz, z)
         return fz.view_as(fz)
 
@@ -139,27 +263,5 @@ class _ImplicitGrad(torch.autograd.Function):
                 (out,) = torch.autograd.grad(fz, z, y, retain_graph=True)
             return out
 
-        g = implicit_adjoint(vjp, grad, ctx.config, ctx.callback)
-        return g, None, None, None
-
-
-def attach_gradient(f: Callable[[Tensor], Tensor], z_star: Tensor, config: BackwardConfig,
-                    callback: Optional[Callable[[SolverTrace], None]] = None) -> Tensor:
-    """Return ``z*`` re-attached to autograd with the gradient of ``config.strategy``.
-
-    ``f`` is the map with the input already bound (``z -> f(z, x)``). ``unrolled`` is
-    handled by the caller (it needs the forward iterations), not here.
-    """
-    z_star = z_star.detach()
-    if config.strategy == "implicit":
-        z = z_star.clone().requires_grad_(True)
-        fz = f(z)
-        return _ImplicitGrad.apply(fz, z, config, callback)
-    if config.strategy == "jacobian_free":
-        return f(z_star)
-    if config.strategy == "phantom":
-        z = z_star
-        for _ in range(config.phantom_k):
-            z = torch.lerp(z, f(z), config.phantom_tau)
-        return z
-    raise ValueError(f"attach_gradient does not handle strategy {config.strategy!r}")
+        g = implicit_adjoint(vjp, grad, ctx.strategy, ctx.on_failure, ctx.callback)
+        return g, None, None, None, None

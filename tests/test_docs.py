@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import deqlite
+
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["deqlite.solvers", "deqlite.deq", "deqlite.regularize", "deqlite.diagnostics",
+CORE = ["deqlite.solvers", "deqlite.deq", "deqlite.backward", "deqlite.regularize", "deqlite.diagnostics",
         "deqlite.models.mlp"]
 
 
@@ -28,6 +30,6 @@ def test_readme_using_deqlite_example_runs(capsys):
 def test_docstring_examples(name):
     mod = importlib.import_module(name)
     res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
-                          extraglobs={"torch": torch, "nn": torch.nn})
+                          extraglobs={"torch": torch, "nn": torch.nn, "deqlite": deqlite})
     assert res.attempted > 0, f"{name} has no docstring examples"
     assert res.failed == 0, f"{res.failed} docstring example(s) failed in {name}"
