@@ -21,7 +21,9 @@ def test_readme_using_deqlite_example_runs(capsys):
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert blocks, "the 'Using deqlite' section has no python example"
     torch.manual_seed(0)
-    exec(compile(blocks[0], "README.md", "exec"), {"__name__": "readme"})
+    namespace = {"__name__": "readme"}
+    for block in blocks:  # every example, in order, in one namespace (as a reader runs them)
+        exec(compile(block, "README.md", "exec"), namespace)
     out = capsys.readouterr().out
     assert "converged" in out and "NOT locally contractive" in out
 
