@@ -28,10 +28,19 @@ def test_readme_using_deqlite_example_runs(capsys):
     assert "converged" in out and "NOT locally contractive" in out
 
 
-@pytest.mark.parametrize("name", CORE)
+def _all_modules() -> list[str]:
+    """Every module of the package: a new module's examples run without editing a list."""
+    import pkgutil
+
+    return sorted(m.name for m in pkgutil.walk_packages(deqlite.__path__, "deqlite.")
+                  if not m.name.startswith("deqlite._"))
+
+
+@pytest.mark.parametrize("name", _all_modules())
 def test_docstring_examples(name):
     mod = importlib.import_module(name)
     res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
                           extraglobs={"torch": torch, "nn": torch.nn, "deqlite": deqlite})
-    assert res.attempted > 0, f"{name} has no docstring examples"
+    if name in CORE:
+        assert res.attempted > 0, f"{name} has no docstring examples"
     assert res.failed == 0, f"{res.failed} docstring example(s) failed in {name}"
