@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -34,7 +35,13 @@ def _check_batched(f: object, z: object, n_iter: object, name: str) -> None:
 
 
 def _jvp(f_flat, z: Tensor, v: Tensor) -> Tensor:
-    return torch.func.jvp(f_flat, (z,), (v,))[1]
+    """``J v`` by forward-mode autograd. Its first use makes torch compile its JVP
+    decompositions with ``torch.jit.script``, which warns that it is deprecated (18 times,
+    about torch's internals, nothing a user can act on): that warning alone is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated",
+                                category=DeprecationWarning)
+        return torch.func.jvp(f_flat, (z,), (v,))[1]
 
 
 def spectral_radius(f: Callable[[Tensor], Tensor], z: Tensor, n_iter: int = 50, seed: int = 0) -> Tensor:
