@@ -257,7 +257,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print("goal met:", bool(hits), hits, f"({result['meta']['seconds']:.0f} s) ->", out)
+    print("issue-6 goal (width 128, DEQ iterations) met:", bool(hits), hits, f"({result['meta']['seconds']:.0f} s) ->", out)
 
 
 if __name__ == "__main__":
