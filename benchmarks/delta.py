@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from deqlite.data import camera_image, pan_windows
+from deqlite.data import camera_image, load_digits_tensors, pan_windows
+from deqlite.models.conv import ConvDEQ, evaluate_conv_delta, fit_conv_deq
 from deqlite.models.inr import (
     DEQFourier,
     DEQSiren,
@@ -149,6 +150,44 @@ def bench_inference(net, coords, pixels, args) -> dict:
     return r
 
 
+CONV_THRESHOLDS = [0.0, 0.01, 0.03, 0.1, 0.3]
+
+
+def bench_conv(args) -> dict:
+    """Seed 000's delta convolutions on a small convolutional DEQ (8x8 digits), three seeds:
+    accuracy, iterations, sparsity per layer, and the MAC reduction counted per fired entry
+    (the paper's count) and per whole input patch (what dense hardware can skip)."""
+    Xtr, ytr, Xte, yte = load_digits_tensors()
+    runs = []
+    for seed in args.conv_seeds:
+        net = ConvDEQ(channels=args.conv_channels, seed=seed)
+        fit = fit_conv_deq(net, Xtr, ytr, steps=args.conv_steps, seed=seed)
+        dense = evaluate_conv_delta(net, Xte, yte, None)
+        rows = []
+        for th in CONV_THRESHOLDS:
+            ev = evaluate_conv_delta(net, Xte, yte, th)
+            rows.append({"threshold": th, "accuracy": ev.accuracy, "iterations": ev.iterations,
+                         "reduction": ev.reduction_vs(dense),
+                         "patch_reduction": ev.reduction_vs(dense, patch=True),
+                         "per_layer": ev.per_layer})
+        runs.append({"seed": seed, "fit_seconds": fit.seconds, "final_loss": fit.loss[-1],
+                     "dense_accuracy": dense.accuracy, "dense_iterations": dense.iterations,
+                     "rows": rows})
+    return {"channels": args.conv_channels, "steps": args.conv_steps,
+            "solver": "picard tol=1e-3 max_iter=40, memory reset", "runs": runs}
+
+
+def print_conv(conv: dict) -> None:
+    for run in conv["runs"]:
+        print(f"conv seed {run['seed']}: dense acc {run['dense_accuracy']:.3f} in "
+              f"{run['dense_iterations']} it")
+        for q in run["rows"]:
+            print(f"  th={q['threshold']:<5g} acc {q['accuracy']:.3f} it {q['iterations']:2d} "
+                  f"MACs -{100 * q['reduction']:.1f}% (patches -{100 * q['patch_reduction']:.1f}%) "
+                  + " ".join(f"{k} sparsity {100 * v['sparsity']:.0f}%"
+                             for k, v in q["per_layer"].items()))
+
+
 def bench_width(width: int, coords, pixels, args) -> dict:
     """How the wall-clock gain grows with the state width (short fits: the point is the cost
     of an iteration, not the image quality)."""
@@ -185,14 +224,29 @@ def main() -> None:
     p.add_argument("--scaling-steps", type=int, default=60)
     p.add_argument("--infer-width", type=int, default=512,
                    help="width of the whole-inference timing (issue 14); must be in --widths")
+    p.add_argument("--conv-steps", type=int, default=60)
+    p.add_argument("--conv-channels", type=int, default=16)
+    p.add_argument("--conv-seeds", default="0,1,2")
+    p.add_argument("--only-conv", action="store_true",
+                   help="rerun only the convolutional DEQ section, updating the JSON in --out")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "delta.json"))
     args = p.parse_args()
     if args.quick:
         args.size, args.width, args.steps, args.repeats = 16, 32, 20, 3
         args.widths, args.scaling_steps, args.infer_width = "16,32", 5, 32
+        args.conv_steps, args.conv_channels, args.conv_seeds = 3, 4, "0"
     torch.set_num_threads(1)
+    args.conv_seeds = [int(v) for v in args.conv_seeds.split(",") if v]
     t0 = time.perf_counter()
+    if args.only_conv:
+        out = Path(args.out)
+        result = json.loads(out.read_text())
+        result["conv"] = bench_conv(args)
+        result["meta"]["conv_date"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        print_conv(result["conv"])
+        out.write_text(json.dumps(result, indent=1))
+        return
     coords, pixels = camera_image(args.size)
     result = {"meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                        "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -218,6 +272,8 @@ def main() -> None:
             print(f"  sequence th={q['threshold']:<5g} x{q['speedup']:.2f} MACs -"
                   f"{100 * q['mac_reduction']:.1f}% sparsity {100 * q['sparsity']:.0f}% "
                   f"iterations {sum(q['delta_iterations'])} vs {sum(q['dense_iterations'])}")
+    result["conv"] = bench_conv(args)
+    print_conv(result["conv"])
     result["width_scaling"] = []
     for w in (int(v) for v in args.widths.split(",") if v):
         r = bench_width(w, coords, pixels, args)
