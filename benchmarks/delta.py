@@ -224,7 +224,7 @@ def main() -> None:
     p.add_argument("--scaling-steps", type=int, default=60)
     p.add_argument("--infer-width", type=int, default=512,
                    help="width of the whole-inference timing (issue 14); must be in --widths")
-    p.add_argument("--conv-steps", type=int, default=60)
+    p.add_argument("--conv-steps", type=int, default=100)
     p.add_argument("--conv-channels", type=int, default=16)
     p.add_argument("--conv-seeds", default="0,1,2")
     p.add_argument("--only-conv", action="store_true",
