@@ -103,6 +103,8 @@ class CallRecord:
         dense_call: True when the call ran the dense layer (first call, disabled, autograd).
         fired_per_dim: optional (in_features,) or (C_in,) fraction of the batch (and pixels)
             whose entry fired, recorded when ``record_fired=True``.
+        patch_macs: convolutions only (None otherwise): MACs at the output positions whose
+            input patch has at least one fired entry (see :attr:`patch`).
     """
 
     dense_macs: int
@@ -112,6 +114,14 @@ class CallRecord:
     numel: int
     dense_call: bool
     fired_per_dim: Tensor | None = None
+    patch_macs: int | None = None
+
+    @property
+    def patch(self) -> int:
+        """MACs when a convolution skips an output position only if its whole input patch
+        (all input channels under the kernel window) did not fire, as dense hardware can
+        (DeltaDEQ, Fig. 2b); ``performed_macs`` for linear layers and dense calls."""
+        return self.performed_macs if self.patch_macs is None else self.patch_macs
 
     @property
     def cost(self) -> int:
@@ -188,6 +198,9 @@ class DeltaLayer:
     def _check_input(self, a: Tensor) -> None:
         raise NotImplementedError
 
+    def _patch_macs(self, fired: Tensor) -> int | None:
+        return None
+
     def _record(self, a: Tensor, y: Tensor, fired: Tensor | None) -> None:
         if not self.track:
             return
@@ -202,7 +215,8 @@ class DeltaLayer:
             dims = [0] + list(range(2, fired.dim()))
             per_dim = fired.float().mean(dim=dims).cpu()
         self.records.append(CallRecord(dense, self._performed_macs(fired), a.numel(),
-                                       int(fired.sum()), a.numel(), False, per_dim))
+                                       int(fired.sum()), a.numel(), False, per_dim,
+                                       self._patch_macs(fired)))
 
     def forward(self, a: Tensor) -> Tensor:
         return self._delta_forward(a)
@@ -429,6 +443,14 @@ class DeltaConv2d(DeltaLayer, nn.Conv2d):
         ones = torch.ones(1, 1, *self.weight.shape[2:], dtype=torch.float64, device=fired.device)
         hits = F.conv2d(per_pixel, ones, None, self.stride, self.padding, self.dilation)
         return round(float(hits.sum())) * (self.out_channels // self.groups)
+
+    def _patch_macs(self, fired: Tensor) -> int:
+        # An output position is computed when any entry of its input patch fired.
+        any_fired = fired.any(dim=1, keepdim=True).to(torch.float64)  # (B, 1, H, W)
+        ones = torch.ones(1, 1, *self.weight.shape[2:], dtype=torch.float64, device=fired.device)
+        hits = F.conv2d(any_fired, ones, None, self.stride, self.padding, self.dilation)
+        kh, kw = self.weight.shape[2], self.weight.shape[3]
+        return int((hits > 0).sum()) * (self.in_channels // self.groups) * kh * kw * self.out_channels
 
     def extra_repr(self) -> str:
         return nn.Conv2d.extra_repr(self) + ", " + self.extra_delta_repr()

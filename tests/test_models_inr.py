@@ -218,3 +218,58 @@ def test_main_weight_is_trained(cls):
     fit_inr(net, coords, pixels, steps=3)
     assert not torch.equal(before, W.detach()), "fit_inr must change W"
     assert abs(torch.linalg.matrix_norm(net.layer.weight.detach(), 2).item() - 0.97) < 1e-4
+
+
+def test_compact_threshold_zero_runs_the_dense_product():
+    torch.manual_seed(0)
+    coords, pixels = camera_image(16)
+    net = DEQFourier(width=32, resolution=16, freq_factor=0.5).double()
+    x = coords.double()
+    run = delta_picard_compact(net, x, 0.0, max_iter=30, tol=1e-6)
+    from deqlite.models.inr import _dense_picard
+    out, iters = _dense_picard(net, x, max_iter=30, tol=1e-6)
+    assert run.iterations == iters and run.converged
+    torch.testing.assert_close(run.output, out, rtol=0, atol=1e-12)
+    assert run.cost == run.dense_macs and run.active_fraction == [1.0] * iters
+    # the delta form at a tiny threshold agrees up to rounding
+    tiny = delta_picard_compact(net, x, 1e-300, max_iter=iters, tol=1e-6)
+    torch.testing.assert_close(tiny.z_star, run.z_star, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("memory", ["reset", "accumulate"])
+def test_compact_column_gather_and_masked_product_agree(memory):
+    torch.manual_seed(0)
+    coords, _ = camera_image(16)
+    net = DEQSiren(width=32, resolution=16, freq_factor=0.5).double()
+    x = coords.double()
+    runs = [delta_picard_compact(net, x, 0.05, max_iter=12, tol=0.0, memory=memory,
+                                 gather_below=gb) for gb in (0.0, 1.0)]
+    torch.testing.assert_close(runs[0].z_star, runs[1].z_star, rtol=0, atol=1e-12)
+    assert runs[0].cost == runs[1].cost and runs[0].active_rows == runs[1].active_rows
+    with pytest.raises(ValueError, match="gather_below must be a fraction"):
+        delta_picard_compact(net, x, 0.05, gather_below=2.0)
+    with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
+        delta_picard_compact(net, x, -0.1)
+
+
+def test_time_inference_fields_are_consistent():
+    from deqlite.models.inr import time_inference
+    net, coords, pixels, _ = _fitted(steps=5)
+    r = time_inference(net, coords, pixels, [0.0, 0.1], repeats=2, warmup=0)
+    assert len(r["dense_km"]["runs"]) == 2 and len(r["delta"]) == 2
+    zero, big = r["delta"]
+    # threshold 0 performs the dense MACs of the dense plain iteration
+    assert zero["mac_reduction_vs_picard"] == pytest.approx(0.0)
+    assert big["macs"] < zero["macs"]
+    assert big["speedup_vs_km"] == pytest.approx(r["dense_km"]["seconds"] / big["seconds"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_compact_runs_on_cuda():
+    torch.manual_seed(0)
+    coords, _ = camera_image(16)
+    net = DEQFourier(width=32, resolution=16, freq_factor=0.5).double()
+    cpu = delta_picard_compact(net, coords.double(), 0.05, max_iter=10, tol=0.0)
+    gpu = delta_picard_compact(net.cuda(), coords.double().cuda(), 0.05, max_iter=10, tol=0.0)
+    assert gpu.z_star.device.type == "cuda" and gpu.active_rows == cpu.active_rows
+    torch.testing.assert_close(gpu.z_star.cpu(), cpu.z_star, rtol=0, atol=1e-9)

@@ -47,6 +47,7 @@ __all__ = [
     "psnr",
     "render_sequence",
     "time_compact",
+    "time_inference",
     "time_iterations",
     "time_sequence",
 ]
@@ -372,7 +373,7 @@ def time_iterations(model: DEQINR, coords: Tensor, threshold: float, *, n_iter: 
         with torch.no_grad(), weight_cache():
             g, h = model.injection(coords)
             layer.reset()
-            z = torch.zeros(coords.shape[0], model.width, dtype=g.dtype)
+            z = torch.zeros(coords.shape[0], model.width, dtype=g.dtype, device=g.device)
             t0 = time.perf_counter()
             for _ in range(n_iter):
                 z = torch.lerp(z, model.f(z, g, h), beta)
@@ -442,7 +443,8 @@ class CompactRun:
 
 def delta_picard_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter: int = 100,
                          tol: float = 1e-3, memory: str = "reset",
-                         warm: tuple[Tensor, Tensor, Tensor] | None = None) -> CompactRun:
+                         warm: tuple[Tensor, Tensor, Tensor] | None = None,
+                         gather_below: float = 0.5) -> CompactRun:
     """Picard iteration ``z <- f(z)`` of an INR with the delta rule, skipping frozen samples.
 
     Under plain (Picard) iteration a sample whose layer input fired nowhere gets the same
@@ -450,9 +452,16 @@ def delta_picard_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter
     on, under either memory rule. So the delta rule carried through the whole map freezes that
     sample for good, and every later operation on it (the subtraction, the threshold test,
     the filter, the update) can be skipped, not only the matrix product. This function keeps
-    the set of still-active samples and works on those rows only; its result equals running
-    ``model.f`` with a :class:`~deqlite.delta.DeltaLinear` at ``threshold`` and the same
-    ``memory`` rule, step for step (tested).
+    the still-active samples in compact (contiguous) tensors, written back when they freeze;
+    its result equals running ``model.f`` with a :class:`~deqlite.delta.DeltaLinear` at
+    ``threshold`` and the same ``memory`` rule, step for step (tested).
+
+    Execution, chosen per step so that the delta rule never costs much more than the dense
+    layer: the thresholded change is one fused pass (``hardshrink``); the product gathers the
+    input columns that fired in some active sample only when fewer than ``gather_below * D``
+    did (otherwise it multiplies the masked change densely, in place: ``y += d_hat W^T``);
+    ``threshold = 0`` fires every change, so it runs the dense product ``W a + b`` with no
+    subtraction at all (equal to the delta form up to rounding, counted as dense MACs).
 
     Stops when no sample is active, when every active sample's relative change
     ``||z_{k+1} - z_k|| / ||z_{k+1}||`` is ``<= tol``, or after ``max_iter`` evaluations.
@@ -461,16 +470,26 @@ def delta_picard_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter
     reordered to follow the pixels) starts from ``z0`` with the layer cache ``(a_prev,
     y_prev)`` instead of a dense first call; the first step then updates every sample (their
     filters may have changed), later steps only the active ones.
+
+    Runs on the device and dtype of ``x`` (and the model).
     """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+            or not math.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be a finite number >= 0 (0 runs the dense product), "
+                         f"got {threshold!r}")
     threshold = float(threshold)
-    if not threshold >= 0 or not math.isfinite(threshold):
-        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
     if memory not in ("reset", "accumulate"):
         raise ValueError(f"memory must be 'reset' or 'accumulate', got {memory!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    if not 0.0 <= gather_below <= 1.0:
+        raise ValueError(f"gather_below must be a fraction in [0, 1], got {gather_below!r}")
     model.eval()
     fourier = model.kind == "fourier"
+
+    def act(y: Tensor, h: Tensor) -> Tensor:
+        return h * y if fourier else torch.sin(y + h)
+
     with torch.no_grad(), weight_cache():
         W, bias = model.layer.weight, model.layer.bias
         D = model.width
@@ -479,9 +498,9 @@ def delta_picard_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter
         n_out = W.shape[0]
         dense_per = B * D * n_out + (B * n_out if bias is not None else 0)
         if warm is None:
-            a_prev = g.clone()  # layer input at z_0 = 0 (owned: updated in place later)
+            a_prev = g.clone()  # layer input at z_0 = 0
             y = F.linear(a_prev, W, bias)  # first call: dense, (B, D)
-            z = h * y if fourier else torch.sin(y + h)  # z_1
+            z = act(y, h)  # z_1
             cost = dense_per
             rows_hist, frac_hist = [B], [1.0]
             force_all = False
@@ -495,69 +514,117 @@ def delta_picard_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter
             cost = 0
             rows_hist, frac_hist = [], []
             force_all = True  # z0 need not equal f's output under the new filters
-        active = torch.arange(B)
         converged = False
-        zeros = torch.zeros((), dtype=z.dtype)
+        tiny = torch.finfo(z.dtype).tiny
+        if threshold == 0.0:
+            # Every non-zero change fires: the delta form is W a + b up to rounding, so run the
+            # dense product and skip the subtraction and the threshold test altogether.
+            for _ in range(len(rows_hist), max_iter):
+                a_prev = z + g
+                y = F.linear(a_prev, W, bias)
+                z_new = act(y, h)
+                rel = torch.linalg.vector_norm(z_new - z, dim=1) / \
+                    torch.linalg.vector_norm(z_new, dim=1).clamp_min(tiny)
+                z = z_new
+                cost += dense_per
+                rows_hist.append(B)
+                frac_hist.append(1.0)
+                if bool((rel <= tol).all()):
+                    converged = True
+                    break
+            out = model.readout(z)
+            return CompactRun(out, z, len(rows_hist), rows_hist, frac_hist,
+                              dense_per * len(rows_hist), cost, converged, (z, a_prev, y))
+        # Working tensors hold the active samples only (global row ids in `ids`); a sample's
+        # final values go to the full tensors when it freezes.
+        ids = torch.arange(B, device=z.device)
+        zc, gc, hc, ac, yc = z, g, h, a_prev, y
+        z_out = a_out = y_out = None
         for _ in range(len(rows_hist), max_iter):
-            # While every sample is active, work on the full tensors: gathers would only add
-            # memory traffic.
-            full = active.numel() == B
-            pick = (lambda t: t) if full else (lambda t, idx=active: t.index_select(0, idx))
-            a = pick(z) + pick(g)  # (A, D) layer input
-            ap = pick(a_prev)
-            d = a - ap
-            fired = d.abs() > threshold
-            keep = fired.any(dim=1)
-            a_new = a if memory == "reset" else torch.where(fired, a, ap)
-            if full:
-                a_prev = a_new
+            A = ids.numel()
+            a = zc + gc  # (A, D) layer input
+            if memory == "reset":
+                d_hat = F.hardshrink(torch.sub(a, ac, out=ac), threshold)  # ac is not needed again
+                ac = a
+                nz = d_hat != 0
             else:
-                a_prev.index_copy_(0, active, a_new)
-            cost += active.numel() * D  # the subtraction, active samples only
-            nnz = int(fired.sum())
-            cost += nnz * n_out
-            all_kept = bool(keep.all()) or force_all
-            force_all = False
-            if all_kept:
-                rows, sub, d_r = active, fired, d
-            else:
-                sel = keep.nonzero().squeeze(1)
-                rows = active.index_select(0, sel)
-                sub, d_r = fired.index_select(0, sel), d.index_select(0, sel)
-            rows_hist.append(int(rows.numel()))
+                d_hat = F.hardshrink(a - ac, threshold)
+                nz = d_hat != 0
+                ac = torch.where(nz, a, ac)
+            per_row = nz.sum(dim=1)
+            nnz = int(per_row.sum())
+            cost += A * D + nnz * n_out  # the subtraction (active samples) and the product
             frac_hist.append(nnz / (B * D))
-            if rows.numel() == 0:
+            if not force_all and nnz < A * D:
+                keep = per_row > 0
+                n_keep = int(keep.sum())
+                if n_keep < A:
+                    if z_out is None:
+                        z_out, a_out, y_out = torch.empty_like(z), torch.empty_like(z), \
+                            torch.empty(B, n_out, dtype=y.dtype, device=y.device)
+                    gone = (~keep).nonzero().squeeze(1)
+                    gid = ids.index_select(0, gone)
+                    z_out.index_copy_(0, gid, zc.index_select(0, gone))
+                    a_out.index_copy_(0, gid, ac.index_select(0, gone))
+                    y_out.index_copy_(0, gid, yc.index_select(0, gone))
+                    kept = keep.nonzero().squeeze(1)
+                    ids, zc, gc, hc, ac, yc, d_hat, nz = (
+                        t.index_select(0, kept) for t in (ids, zc, gc, hc, ac, yc, d_hat, nz))
+            force_all = False
+            rows_hist.append(int(ids.numel()))
+            if ids.numel() == 0:
                 converged = True
                 break
-            W_c = W
-            cols = sub.any(dim=0).nonzero().squeeze(1)
-            if cols.numel() < D:
-                sub, d_r, W_c = sub.index_select(1, cols), d_r.index_select(1, cols), W.index_select(1, cols)
-            dy = torch.where(sub, d_r, zeros) @ W_c.T
-            if full and all_kept:
-                y = y + dy
-                z_new = h * y if fourier else torch.sin(y + h)
-                change = (z_new - z).norm(dim=1)
-                z_old_needed = False
-            else:
-                y.index_add_(0, rows, dy)
-                y_r, h_r = y.index_select(0, rows), h.index_select(0, rows)
-                z_new = h_r * y_r if fourier else torch.sin(y_r + h_r)
-                change = (z_new - z.index_select(0, rows)).norm(dim=1)
-                z_old_needed = True
-            rel = change / z_new.norm(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
-            if z_old_needed:
-                z.index_copy_(0, rows, z_new)
-            else:
-                z = z_new
-            active = rows
+            if nnz:
+                cols_fired = nz.any(dim=0)
+                n_cols = int(cols_fired.sum())
+                if n_cols < gather_below * D:
+                    cols = cols_fired.nonzero().squeeze(1)
+                    yc = yc.addmm_(d_hat.index_select(1, cols), W.index_select(1, cols).T)
+                else:
+                    yc = yc.addmm_(d_hat, W.T)
+            z_new = act(yc, hc)
+            rel = torch.linalg.vector_norm(z_new - zc, dim=1) / \
+                torch.linalg.vector_norm(z_new, dim=1).clamp_min(tiny)
+            zc = z_new
             if bool((rel <= tol).all()):
                 converged = True
                 break
+        if z_out is None:  # nothing froze: the working tensors are the full ones
+            z_out, a_out, y_out = zc, ac, yc
+        elif ids.numel():
+            z_out.index_copy_(0, ids, zc)
+            a_out.index_copy_(0, ids, ac)
+            y_out.index_copy_(0, ids, yc)
         iterations = len(rows_hist)
-        out = model.readout(z)
-    return CompactRun(out, z, iterations, rows_hist, frac_hist, dense_per * iterations, cost,
-                      converged, (z, a_prev, y))
+        out = model.readout(z_out)
+    return CompactRun(out, z_out, iterations, rows_hist, frac_hist, dense_per * iterations, cost,
+                      converged, (z_out, a_out, y_out))
+
+
+def _dense_picard(model: DEQINR, x: Tensor, *, max_iter: int, tol: float | None,
+                  ) -> tuple[Tensor, int]:
+    """The dense DEQ's plain iteration from zero, ``tol=None``: exactly ``max_iter`` steps;
+    else it stops when every sample's relative change is ``<= tol`` (the compact rule).
+    Returns the read-out and the number of evaluations."""
+    with torch.no_grad(), weight_cache():
+        g, h = model.injection(x)
+        W, b = model.layer.weight, model.layer.bias
+        fourier = model.kind == "fourier"
+        z = torch.zeros(x.shape[0], model.width, dtype=g.dtype, device=g.device)
+        k = 0
+        for k in range(1, max_iter + 1):
+            y = F.linear(z + g, W, b)
+            z_new = h * y if fourier else torch.sin(y + h)
+            if tol is not None:
+                rel = torch.linalg.vector_norm(z_new - z, dim=1) / \
+                    torch.linalg.vector_norm(z_new, dim=1).clamp_min(torch.finfo(z.dtype).tiny)
+                z = z_new
+                if bool((rel <= tol).all()):
+                    break
+            else:
+                z = z_new
+        return model.readout(z), k
 
 
 def time_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter: int,
@@ -567,20 +634,14 @@ def time_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter: int,
     the same number of evaluations (``max_iter``, no early exit), medians of ``repeats`` runs
     after ``warmup``, interleaved. Returns seconds, speedup, the compact run's iterations and
     its MAC reduction against the timed dense loop (``max_iter`` dense iterations).
+    For the comparison with an early-stopped dense DEQ see :func:`time_inference`.
     """
     model.eval()
 
     def dense() -> float:
-        with torch.no_grad(), weight_cache():
-            t0 = time.perf_counter()
-            g, h = model.injection(x)
-            W, b = model.layer.weight, model.layer.bias
-            z = torch.zeros(x.shape[0], model.width, dtype=g.dtype)
-            for _ in range(max_iter):
-                y = F.linear(z + g, W, b)
-                z = h * y if model.kind == "fourier" else torch.sin(y + h)
-            model.readout(z)
-            return time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _dense_picard(model, x, max_iter=max_iter, tol=None)
+        return time.perf_counter() - t0
 
     def compact() -> tuple[float, CompactRun]:
         t0 = time.perf_counter()
@@ -604,13 +665,89 @@ def time_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter: int,
             "mac_reduction": 1.0 - run.cost / (run.dense_macs // run.iterations * max_iter)}
 
 
+def time_inference(model: DEQINR, x: Tensor, pixels: Tensor, thresholds: list[float], *,
+                   tol: float = 1e-3, max_iter: int = 100, memory: str = "reset",
+                   repeats: int = 7, warmup: int = 1) -> dict[str, Any]:
+    """Inference wall-clock of the delta DEQ against the dense DEQ, both early-stopped.
+
+    Two dense baselines: the dense DEQ as the chapter runs it (``model(x)``: the
+    Krasnoselskii-Mann solver, beta 0.9, relative tolerance ``tol``) and the dense plain
+    iteration with the compact path's stopping rule (every sample's relative change
+    ``<= tol``), which needs fewer evaluations here. Each threshold runs
+    :func:`delta_picard_compact`. All runs of one repeat are interleaved; medians over
+    ``repeats`` after ``warmup``. The MAC reductions include the input-independent work (
+    injection, filter, read-out) that both paths do once.
+
+    Returns ``{"dense_km": {...}, "dense_picard": {...}, "delta": [{...} per threshold]}``
+    with seconds, iterations, MACs, PSNR and, per threshold, the speedup and the MAC
+    reduction against each baseline.
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    model.eval()
+    B = x.shape[0]
+    n_out = model.layer.out_features
+    per_iter = B * model.width * n_out + (B * n_out if model.layer.bias is not None else 0)
+    fixed = model.fixed_macs(B)
+
+    def clock(fn: Any) -> tuple[float, Any]:
+        t0 = time.perf_counter()
+        res = fn()
+        return time.perf_counter() - t0, res
+
+    def km() -> tuple[Tensor, int]:
+        with torch.no_grad():
+            model.layer.reset()
+            out, _, trace = model(x, tol=tol, max_iter=max_iter)
+        return out, trace.nfe
+
+    runs: dict[str, list[float]] = {"km": [], "picard": []}
+    for th in thresholds:
+        runs[f"delta{th}"] = []
+    last: dict[str, Any] = {}
+    for i in range(warmup + repeats):
+        for key, fn in [("km", km),
+                        ("picard", lambda: _dense_picard(model, x, max_iter=max_iter, tol=tol))] + \
+                [(f"delta{th}", (lambda th=th: delta_picard_compact(
+                    model, x, th, max_iter=max_iter, tol=tol, memory=memory)))
+                 for th in thresholds]:
+            t, res = clock(fn)
+            last[key] = res
+            if i >= warmup:
+                runs[key].append(t)
+    med = {k: float(np.median(v)) for k, v in runs.items()}
+    out_km, it_km = last["km"]
+    out_pic, it_pic = last["picard"]
+    macs_km, macs_pic = per_iter * it_km + fixed, per_iter * it_pic + fixed
+    result: dict[str, Any] = {
+        "dense_km": {"seconds": med["km"], "iterations": it_km, "macs": macs_km,
+                     "psnr": psnr(out_km, pixels), "runs": runs["km"]},
+        "dense_picard": {"seconds": med["picard"], "iterations": it_pic, "macs": macs_pic,
+                         "psnr": psnr(out_pic, pixels), "runs": runs["picard"]},
+        "delta": []}
+    for th in thresholds:
+        run: CompactRun = last[f"delta{th}"]
+        macs = run.cost + fixed
+        t = med[f"delta{th}"]
+        result["delta"].append({
+            "threshold": float(th), "seconds": t, "iterations": run.iterations,
+            "active_rows": run.active_rows, "macs": macs, "psnr": psnr(run.output, pixels),
+            "speedup_vs_km": med["km"] / t, "speedup_vs_picard": med["picard"] / t,
+            "mac_reduction_vs_km": 1 - macs / macs_km,
+            "mac_reduction_vs_picard": 1 - macs / macs_pic,
+            "psnr_drop_vs_km": result["dense_km"]["psnr"] - psnr(run.output, pixels),
+            "runs": runs[f"delta{th}"]})
+    return result
+
+
 def follow_pixels(n_pixels: int, idx_prev: Tensor, idx: Tensor) -> Tensor:
     """For each pixel of the new frame ``idx``, its batch position in the previous frame
     ``idx_prev``; a pixel that is new keeps its own batch position. ``(len(idx),)`` long."""
-    where_prev = torch.full((n_pixels,), -1, dtype=torch.long)
-    where_prev[idx_prev] = torch.arange(idx_prev.numel())
+    dev = idx.device
+    where_prev = torch.full((n_pixels,), -1, dtype=torch.long, device=dev)
+    where_prev[idx_prev] = torch.arange(idx_prev.numel(), device=dev)
     src = where_prev[idx]
-    return torch.where(src >= 0, src, torch.arange(idx.numel()))
+    return torch.where(src >= 0, src, torch.arange(idx.numel(), device=dev))
 
 
 @dataclass
@@ -711,7 +848,7 @@ def time_sequence(model: DEQINR, coords: Tensor, pixels: Tensor, frames: list[Te
             z_prev, idx_prev = None, None
             for idx in frames:
                 g, h = model.injection(coords[idx])
-                z = torch.zeros(idx.numel(), model.width, dtype=g.dtype) if z_prev is None \
+                z = torch.zeros(idx.numel(), model.width, dtype=g.dtype, device=g.device) if z_prev is None \
                     else z_prev.index_select(0, follow_pixels(n_pix, idx_prev, idx))
                 for k in range(max_iter):
                     y = F.linear(z + g, W, b)
