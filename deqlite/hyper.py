@@ -64,7 +64,7 @@ __all__ = [
     "LeastSquaresMixer", "HyperSolver", "normalize_alpha", "anderson_weights", "loss_weights",
     "unroll", "hyper_losses", "fixed_points", "train_hypersolver", "TrainLog", "hyper_solve",
     "budget_curve", "matched_nfe", "count_parameters", "median_time", "budget_times",
-    "budget_snapshot", "steps_figure", "pareto_figure",
+    "budget_snapshot", "race_snapshot", "steps_figure", "pareto_figure",
 ]
 
 ALPHA_MODES = ("shift", "softmax", "none")
@@ -592,7 +592,7 @@ def hyper_losses(hyper: HyperSolver, f: Callable[[Tensor], Tensor], x: Tensor, z
     w = loss_weights(K, weights) if isinstance(weights, str) else weights
     if w.shape != (K,):
         raise ValueError(f"weights must have shape ({K},), got {tuple(w.shape)}")
-    w = w.to(z_star.dtype)
+    w = w.to(device=z_star.device, dtype=z_star.dtype)
     zs = z_star.reshape(z_star.shape[0], -1)
     run = unroll(hyper, f, z0.detach(), K)
     errs = torch.stack([(zk - zs).norm(dim=1) for zk in run["z"]], 1)  # (B, K)
@@ -647,16 +647,22 @@ class TrainLog:
 def train_hypersolver(hyper: HyperSolver, f: Callable[[Tensor, Tensor], Tensor], x: Tensor,
                       z_star: Optional[Tensor] = None, *, K: int = 8, steps: int = 1000,
                       batch_size: int = 32, lr: float = 1e-3, weights: str = "increasing", conv_loss: str = "l2",
-                      lambda_conv: float = 1.0, lambda_init: float = 0.3, lambda_alpha: float = 0.1,
-                      alpha_decay_steps: Optional[int] = None, time_budget: Optional[float] = None,
+                      lambda_conv: float = 0.1, lambda_init: float = 0.05, lambda_alpha: float = 1e-4,
+                      alpha_floor: float = 5e-8, alpha_decay_steps: Optional[int] = None,
+                      time_budget: Optional[float] = None,
                       init_lr: Optional[float] = None, init_batch_size: Optional[int] = None,
                       seed: int = 0, log_every: int = 25) -> TrainLog:
     """Train ``hyper`` on a frozen map ``f(z, x)`` over inputs ``x`` ``(N, ...)`` (no labels).
 
     Each step draws ``batch_size`` inputs, unrolls ``K`` HyperAnderson steps and minimises
     ``lambda_conv L_conv + lambda_init L_init + lambda_alpha(t) L_alpha`` (Sec. 4.2) with Adam
-    and cosine learning-rate annealing (App. A.1); ``lambda_alpha(t)`` decays linearly to 0
-    over ``alpha_decay_steps`` (default: 40% of ``steps``; App. A.4). Only the solver's
+    and cosine learning-rate annealing (App. A.1). The default weights are the paper's
+    (Table 3 of App. A, the WikiText-103 column: ``lambda_1 = 0.1``, ``lambda_2 = 0.05``,
+    ``lambda_3 = 1e-4``; its vision models use 0.02 and 1e-5); ``lambda_alpha(t)`` decays
+    linearly to ``alpha_floor`` (the paper's 5e-8) over ``alpha_decay_steps`` (the paper: 2,000
+    of its 3-5K steps; default here: 40% of ``steps``). With Adam and the initializer in its
+    own parameter group (it only sees ``L_init``), what matters is the ratio
+    ``lambda_alpha / lambda_conv``. Only the solver's
     parameters get gradients (``f``'s ``.grad`` stays untouched). ``z_star`` defaults to
     :func:`fixed_points` (Anderson to relative residual 1e-6). ``time_budget`` (seconds) stops
     early. The initializer, trained by ``L_init`` alone, may get its own learning rate
@@ -709,7 +715,8 @@ def train_hypersolver(hyper: HyperSolver, f: Callable[[Tensor, Tensor], Tensor],
             idx_i = torch.randint(0, N, (min(init_batch_size, N),), generator=gen)
             zi = z_star[idx_i].reshape(len(idx_i), -1)
             L["init"] = (hyper.initial_state(x[idx_i]).reshape(zi.shape) - zi).norm(dim=1).mean()
-        lam_a = lambda_alpha * max(0.0, 1.0 - it / decay)
+        floor = min(alpha_floor, lambda_alpha)
+        lam_a = floor + (lambda_alpha - floor) * max(0.0, 1.0 - it / decay)
         loss = lambda_conv * L["conv"] + lambda_init * L["init"] + lam_a * L["alpha"]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for p, g in zip(params, grads):
@@ -771,10 +778,14 @@ def budget_curve(f: Callable[[Tensor], Tensor], z0: Tensor, solver: Any, max_nfe
     its = torch.stack(tr.iterates)  # (T, B, ...)
     T, B = res.shape
     out: Dict[str, List[float]] = {"nfe": [], "rel_residual": [], "error": [], "accuracy": []}
-    best = torch.full((B,), math.inf, dtype=res.dtype)
+    best = torch.full((B,), math.inf, dtype=res.dtype, device=res.device)
     best_z = its[0].clone()
+    if z_star is not None:
+        z_star = z_star.to(its.device)
+    if labels is not None:
+        labels = labels.to(its.device)
     rel = tr.rel_residual
-    best_rel = torch.full((B,), math.inf, dtype=res.dtype)
+    best_rel = torch.full((B,), math.inf, dtype=res.dtype, device=res.device)
     for k in range(T):
         better = torch.isfinite(res[k]) & (res[k] < best)
         best = torch.where(better, res[k], best)
@@ -869,11 +880,34 @@ def steps_figure(snapshot: Dict[str, Dict[str, Any]], height: int = 380):
         fig.add_trace(go.Box(y=snapshot[name]["rel_residual"], name=name, boxpoints=False,
                              showlegend=False), row=1, col=1)
     fig.add_trace(go.Bar(x=names, y=[snapshot[n]["accuracy"] for n in names], showlegend=False,
-                         text=[f"{snapshot[n]['accuracy']:.1f}" for n in names], textposition="outside"),
+                         text=[f"{snapshot[n]['accuracy']:.1f}" for n in names], textposition="inside",
+                         insidetextanchor="end"),
                   row=1, col=2)
     fig.update_yaxes(type="log", exponentformat="power", row=1, col=1)
-    fig.update_layout(height=height, margin=dict(t=60, b=40))
+    fig.update_yaxes(range=[0, 100], row=1, col=2)  # labels sit inside the bars, clear of the title
+    fig.update_layout(height=height, margin=dict(t=80, b=40), template=_template())
     return fig
+
+
+def race_snapshot(f: Callable[[Tensor], Tensor], starts: Dict[str, Tuple[Any, Tensor]], budgets: Dict[str, int], *,
+                  readout: Callable[[Tensor], Tensor], labels: Tensor) -> Dict[str, Dict[str, Any]]:
+    """Like :func:`budget_snapshot`, but each solver gets its own budget: ``budgets[name]``
+    evaluations of ``f``. Keys of the result read ``"name (K)"``; the compute of the chapter's
+    "Anderson's steps vs the neural solver's steps" slider."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, (solver, z0) in starts.items():
+        if name not in budgets:
+            raise ValueError(f"no budget for solver {name!r}: budgets has {sorted(budgets)}")
+        _check_pos_int(f"budgets[{name!r}]", budgets[name])
+        snap = budget_snapshot(f, {name: (solver, z0)}, budgets[name], readout=readout, labels=labels)[name]
+        out[f"{name} ({budgets[name]})"] = snap
+    return out
+
+
+def _template() -> str:
+    """The book's plotly theme (``deqlite/viz/theme.py``), so figures follow light/dark mode."""
+    from .viz.theme import register
+    return register()
 
 
 def pareto_figure(curves: Dict[str, Dict[str, List[float]]], times: Optional[Dict[str, List[float]]] = None,
@@ -888,7 +922,7 @@ def pareto_figure(curves: Dict[str, Dict[str, List[float]]], times: Optional[Dic
     titles = ["accuracy vs evaluations of f"] + (["accuracy vs wall time"] if times else []) + \
              ["residual vs evaluations of f"] + (["residual vs wall time"] if times else [])
     fig = make_subplots(rows=2, cols=cols, subplot_titles=titles, vertical_spacing=0.14)
-    palette = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692"]
+    from .viz.theme import COLORWAY as palette
     for i, (name, c) in enumerate(curves.items()):
         color = palette[i % len(palette)]
         xs = [("nfe", c["nfe"], 1)]
@@ -906,5 +940,5 @@ def pareto_figure(curves: Dict[str, Dict[str, List[float]]], times: Optional[Dic
     for col in range(1, cols + 1):
         fig.update_yaxes(type="log", exponentformat="power", row=2, col=col)
         fig.update_xaxes(title_text="evaluations of f" if col == 1 else "milliseconds", row=2, col=col)
-    fig.update_layout(height=height, margin=dict(t=60))
+    fig.update_layout(height=height, margin=dict(t=60), template=_template())
     return fig
