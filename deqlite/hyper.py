@@ -64,7 +64,8 @@ __all__ = [
     "LeastSquaresMixer", "HyperSolver", "normalize_alpha", "anderson_weights", "loss_weights",
     "unroll", "hyper_losses", "fixed_points", "train_hypersolver", "TrainLog", "hyper_solve",
     "budget_curve", "matched_nfe", "count_parameters", "median_time", "budget_times",
-    "budget_snapshot", "race_snapshot", "steps_figure", "pareto_figure",
+    "budget_snapshot", "race_snapshot", "steps_figure", "pareto_figure", "slow_digits_deq", "frozen_map",
+    "median_times",
 ]
 
 ALPHA_MODES = ("shift", "softmax", "none")
@@ -815,6 +816,75 @@ def matched_nfe(values: Sequence[float], target: float, tol: float, higher_is_be
     while k > 0 and ok[k - 1]:
         k -= 1
     return k + 1
+
+
+def median_times(fns: Dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1) -> Dict[str, Dict[str, float]]:
+    """Median wall-clock *and* CPU seconds (``time.process_time``) of each ``fns[name]()``.
+
+    The runs are interleaved (round ``r`` runs every function once), so load from other
+    processes on a shared machine falls on all of them alike; ratios taken from one call
+    are the numbers to quote. Returns ``{name: {"wall": s, "cpu": s}}``."""
+    _check_pos_int("repeats", repeats)
+    _check_pos_int("warmup", warmup, lo=0)
+    wall: Dict[str, List[float]] = {k: [] for k in fns}
+    cpu: Dict[str, List[float]] = {k: [] for k in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            t1, c1 = time.perf_counter(), time.process_time()
+            if r >= warmup:
+                wall[name].append(t1 - t0)
+                cpu[name].append(c1 - c0)
+
+    def med(v: List[float]) -> float:
+        v = sorted(v)
+        mid = len(v) // 2
+        return v[mid] if len(v) % 2 else 0.5 * (v[mid - 1] + v[mid])
+
+    return {name: {"wall": med(wall[name]), "cpu": med(cpu[name])} for name in fns}
+
+
+def slow_digits_deq(width: int = 256, gain: float = 1.1, *, seed: int = 0, inject_scale: float = 0.3,
+                    **deq_options: Any) -> nn.Module:
+    """An untrained digits :class:`~deqlite.models.mlp.DEQClassifier` whose map is *slow*:
+    ``W`` starts as ``gain`` times a random orthogonal matrix and is left unconstrained.
+
+    Its Jacobian at the fixed point, ``diag(1 - z*^2) W``, has eigenvalues spread around a
+    circle of radius close to 1, so plain iteration gains little per step and Anderson needs
+    15-30 evaluations to a relative residual of 1e-3-1e-4: the regime of the paper's DEQs,
+    which need tens of solver steps. (A spectrally normalised ``W``, as in chapter 3, gives
+    a map Anderson solves in 6-7 steps: nothing left to accelerate.) The injection starts
+    scaled by ``inject_scale`` so the model leans on its equilibrium.
+    """
+    from .models.mlp import DEQClassifier
+
+    _check_pos_int("width", width)
+    if not (isinstance(gain, (int, float)) and gain > 0):
+        raise ValueError(f"gain must be a positive number, got {gain!r}; 0.9-1.3 gives a slow map")
+    opts: Dict[str, Any] = dict(tol=1e-4, max_iter=40, backward="jacobian_free")
+    opts.update(deq_options)
+    torch.manual_seed(seed)
+    model = DEQClassifier(64, width, 10, radius=None, **opts)
+    with torch.no_grad():
+        q, r = torch.linalg.qr(torch.randn(width, width))
+        model.cell.W.weight.copy_(gain * q * torch.sign(torch.diagonal(r))[None, :])
+        model.inject.weight.mul_(inject_scale)
+    return model
+
+
+def frozen_map(model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    """``f(z, x) = tanh(W z + inject(x))`` of a trained :class:`DEQClassifier`, with ``W``
+    read once (a spectral-norm parametrisation would otherwise recompute an SVD per call).
+    Freezes the model (``eval()``, no gradients)."""
+    model.eval().requires_grad_(False)
+    W = model.cell.W.weight.detach().clone()
+    inject = model.inject
+
+    def f(z: Tensor, x: Tensor) -> Tensor:
+        return torch.tanh(z @ W.T + inject(x))
+
+    return f
 
 
 def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
