@@ -54,7 +54,7 @@ def run_setting(width: int, gain: float, seed: int, *, epochs: int, steps: int, 
         return torch.tanh(z @ model.cell.W.weight.T + u)
 
     t0 = time.perf_counter()
-    z_train, worst_train = fixed_points(f, Xtr, state_shape=(width,), max_iter=300)
+    z_train, worst_train = fixed_points(f, Xtr, state_shape=(width,), max_iter=80)
     t_fixed = time.perf_counter() - t0
     hyper = HyperSolver.build(state_dim=width, input_dim=64, m=m, init_hidden=init_hidden, compress_dim=0,
                               seed=seed)
