@@ -57,7 +57,7 @@ def run_setting(width: int, gain: float, seed: int, *, epochs: int, steps: int, 
     z_train, worst_train = fixed_points(f, Xtr, state_shape=(width,), max_iter=80)
     t_fixed = time.perf_counter() - t0
     hyper = HyperSolver.build(state_dim=width, input_dim=64, m=m, init_hidden=init_hidden, compress_dim=0,
-                              seed=seed)
+                              gram=True, seed=seed)
     log = train_hypersolver(hyper, f, Xtr, z_train, K=K, steps=steps, batch_size=32, lr=3e-3, conv_loss="log",
                             init_lr=1e-2, init_batch_size=256, seed=seed)
     z_star, worst = fixed_points(f, Xte, state_shape=(width,), max_iter=300)
@@ -70,7 +70,7 @@ def run_setting(width: int, gain: float, seed: int, *, epochs: int, steps: int, 
               if n == "anderson" else budget_curve(fx, z0, s, max_nfe, z_star=z_star, readout=model.head, labels=yte)
               for n, (s, z0) in starts.items()}
     out: Dict[str, Any] = {
-        "width": width, "gain": gain, "seed": seed, "batch": len(Xte), "m": m, "K": K,
+        "width": width, "gain": gain, "seed": seed, "epochs": epochs, "batch": len(Xte), "m": m, "K": K,
         "deq_parameters": count_parameters(model), "solver_parameters": hyper.num_parameters(),
         "solver_share": hyper.num_parameters() / count_parameters(model),
         "deq_train_seconds": fit.seconds, "solver_train_seconds": log.seconds,
@@ -124,7 +124,7 @@ def main() -> None:
         "python": platform.python_version(), "quick": q, "settings": [],
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
-    chapter = dict(epochs=2 if q else 3, steps=20 if q else 200, K=10, m=5, init_hidden=5,
+    chapter = dict(epochs=2 if q else 3, steps=20 if q else 150, K=10, m=5, init_hidden=5,
                    max_nfe=40, repeats=2 if q else 7)
     for seed in args.seeds:
         print(f"chapter size (width 256), seed {seed}", flush=True)
