@@ -15,8 +15,9 @@ Anderson needs 15-30 evaluations), for several seeds and at a larger size:
   training time (here including the precise fixed points it trains on) over the DEQ's.
 
 Run: ``python benchmarks/hyper.py`` (several minutes on one core; ``--quick`` for a smoke
-run). The chapter's parameters cell scales the same way (``width``, ``train_steps``, ...);
-``papermill book/hyper.ipynb out.ipynb -p width 512`` runs the chapter itself at a larger size.
+run). The chapter's parameters cell scales the same way (``width``, ``train_steps``, ...):
+``--chapter-width 512`` also executes the chapter itself with papermill at that width and
+records what it glued (and the assert it stopped at, if one fails at that size).
 Results go to ``benchmarks/results/hyper.json``.
 """
 from __future__ import annotations
@@ -106,12 +107,45 @@ def run_setting(width: int, gain: float, seed: int, *, epochs: int, steps: int, 
     return out
 
 
+def run_chapter(parameters: Dict[str, Any]) -> Dict[str, Any]:
+    """Execute ``book/hyper.ipynb`` with papermill at the given ``parameters`` (the chapter's
+    parameters cell scales up) and return every number it glued, or the error it stopped at."""
+    import tempfile
+
+    import nbformat
+    import papermill
+
+    book = Path(__file__).resolve().parents[1] / "book"
+    with tempfile.TemporaryDirectory() as tmp:
+        out_nb = Path(tmp) / "hyper.ipynb"
+        error = None
+        try:
+            papermill.execute_notebook(str(book / "hyper.ipynb"), str(out_nb), parameters=parameters,
+                                       cwd=str(book), progress_bar=False)
+        except Exception as exc:  # an assert that fails at this size is a result, not a crash
+            error = f"{type(exc).__name__}: {str(exc)[-400:]}"
+        glued: Dict[str, Any] = {}
+        if out_nb.exists():
+            for cell in nbformat.read(str(out_nb), as_version=4).cells:
+                for o in cell.get("outputs", []):
+                    name = o.get("metadata", {}).get("scrapbook", {}).get("name")
+                    text = o.get("data", {}).get("application/papermill.record/text/plain")
+                    if name and text is not None:
+                        try:
+                            glued[name] = json.loads(text)
+                        except ValueError:
+                            glued[name] = text
+    return {"parameters": parameters, "error": error, "glued": glued}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny budgets, for a smoke run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--large-width", type=int, default=512)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--chapter-width", type=int, default=0,
+                    help="also run the chapter itself (papermill) at this width, e.g. 512")
     args = ap.parse_args()
     torch.set_num_threads(1)
     q = args.quick
@@ -133,6 +167,10 @@ def main() -> None:
         print(f"large size (width {args.large_width}), seed {args.seeds[0]}", flush=True)
         large = dict(chapter, epochs=2 if q else 4, steps=20 if q else 600, init_hidden=10)
         results["settings"].append({"size": "large", **run_setting(args.large_width, 1.1, args.seeds[0], **large)})
+
+    if args.chapter_width:
+        print(f"the chapter at width {args.chapter_width} (papermill)", flush=True)
+        results["chapter_run"] = run_chapter({"width": args.chapter_width, "train_budget": 120.0})
 
     def plain(v):
         if isinstance(v, dict):
