@@ -34,12 +34,19 @@ the initializer needs ``x`` and so runs *before* the solve::
     train_hypersolver(hyper, deq_f, x_train)           # f(z, x), frozen
     z_star, trace = hyper_solve(hyper, deq_f, x)        # = solve(f(., x), hyper.initial_state(x), solver=hyper)
 
-Choices the paper leaves open (or that we changed) are documented where they are made:
+The defaults follow the paper: compressed residuals as the network's features (pooling for
+images, a learned projection for flat states), the shifted normalisation, ``w_k ~ k`` and the
+loss weights ``lambda = (0.1, 0.05, 1e-4)`` of its App. A (:func:`train_hypersolver`).
+Choices the paper leaves open, and options that depart from it (chapter 4 says why it uses
+them), are documented where they are made:
 
-* besides the compressed residuals, each history slot is described by its row of the Gram
-  matrix ``<g_i, g_j>`` (what Anderson's least squares looks at; size-independent) and its
-  log-norm, all divided by the largest norm in the window: residuals shrink by orders of
-  magnitude during a solve, and the network should see the *shape* of the history;
+* every history slot is also described by its log-norm, and all features are divided by the
+  largest norm in the window: residuals shrink by orders of magnitude during a solve, and
+  the network should see the *shape* of the history;
+* ``gram=True`` (not the paper's) adds each slot's row of the Gram matrix ``<g_i, g_j>``
+  (what Anderson's least squares looks at; size-independent, no parameters), and with
+  ``compress_dim=0`` replaces the projection, whose ``D x c`` weights would exceed the
+  paper's 1-3% budget on a small flat DEQ;
 * the weights start at "take the newest iterate" (a damped plain step), not at a uniform
   average;
 * ``conv_loss="log"`` (optional) puts ``log ||z_k - z*||`` in ``L_conv`` so that late steps
@@ -64,7 +71,8 @@ __all__ = [
     "LeastSquaresMixer", "HyperSolver", "normalize_alpha", "anderson_weights", "loss_weights",
     "unroll", "hyper_losses", "fixed_points", "train_hypersolver", "TrainLog", "hyper_solve",
     "budget_curve", "matched_nfe", "count_parameters", "median_time", "budget_times",
-    "budget_snapshot", "steps_figure", "pareto_figure",
+    "budget_snapshot", "race_snapshot", "steps_figure", "pareto_figure", "slow_digits_deq", "frozen_map",
+    "median_times",
 ]
 
 ALPHA_MODES = ("shift", "softmax", "none")
@@ -261,7 +269,7 @@ class HyperAndersonNet(nn.Module):
 
     def __init__(self, m: int = 5, *, state_dim: Optional[int] = None, channels: Optional[int] = None,
                  compress_dim: int = 8, hidden: int = 16, kernel_size: int = 3, beta_max: float = 1.0,
-                 last_weight_init: float = 1.0, beta_init: float = 0.9, gram: bool = True):
+                 last_weight_init: float = 1.0, beta_init: float = 0.9, gram: bool = False):
         super().__init__()
         _check_pos_int("m", m)
         if (state_dim is None) == (channels is None):
@@ -417,7 +425,7 @@ class HyperSolver(Solver):
     def build(cls, *, state_dim: Optional[int] = None, channels: Optional[int] = None,
               input_dim: Optional[int] = None, input_channels: Optional[int] = None, m: int = 5,
               alpha_mode: str = "shift", use_initializer: bool = True, init_hidden: int = 8,
-              compress_dim: int = 8, hidden: int = 16, beta_max: float = 1.0, gram: bool = True, seed: int = 0,
+              compress_dim: int = 8, hidden: int = 16, beta_max: float = 1.0, gram: bool = False, seed: int = 0,
               state_shape: Optional[Sequence[int]] = None) -> "HyperSolver":
         """An untrained neural solver for flat states (``state_dim``; initializer from flat
         inputs of size ``input_dim``) or image states (``channels``; initializer from images with
@@ -592,7 +600,7 @@ def hyper_losses(hyper: HyperSolver, f: Callable[[Tensor], Tensor], x: Tensor, z
     w = loss_weights(K, weights) if isinstance(weights, str) else weights
     if w.shape != (K,):
         raise ValueError(f"weights must have shape ({K},), got {tuple(w.shape)}")
-    w = w.to(z_star.dtype)
+    w = w.to(device=z_star.device, dtype=z_star.dtype)
     zs = z_star.reshape(z_star.shape[0], -1)
     run = unroll(hyper, f, z0.detach(), K)
     errs = torch.stack([(zk - zs).norm(dim=1) for zk in run["z"]], 1)  # (B, K)
@@ -647,16 +655,22 @@ class TrainLog:
 def train_hypersolver(hyper: HyperSolver, f: Callable[[Tensor, Tensor], Tensor], x: Tensor,
                       z_star: Optional[Tensor] = None, *, K: int = 8, steps: int = 1000,
                       batch_size: int = 32, lr: float = 1e-3, weights: str = "increasing", conv_loss: str = "l2",
-                      lambda_conv: float = 1.0, lambda_init: float = 0.3, lambda_alpha: float = 0.1,
-                      alpha_decay_steps: Optional[int] = None, time_budget: Optional[float] = None,
+                      lambda_conv: float = 0.1, lambda_init: float = 0.05, lambda_alpha: float = 1e-4,
+                      alpha_floor: float = 5e-8, alpha_decay_steps: Optional[int] = None,
+                      time_budget: Optional[float] = None,
                       init_lr: Optional[float] = None, init_batch_size: Optional[int] = None,
                       seed: int = 0, log_every: int = 25) -> TrainLog:
     """Train ``hyper`` on a frozen map ``f(z, x)`` over inputs ``x`` ``(N, ...)`` (no labels).
 
     Each step draws ``batch_size`` inputs, unrolls ``K`` HyperAnderson steps and minimises
     ``lambda_conv L_conv + lambda_init L_init + lambda_alpha(t) L_alpha`` (Sec. 4.2) with Adam
-    and cosine learning-rate annealing (App. A.1); ``lambda_alpha(t)`` decays linearly to 0
-    over ``alpha_decay_steps`` (default: 40% of ``steps``; App. A.4). Only the solver's
+    and cosine learning-rate annealing (App. A.1). The default weights are the paper's
+    (Table 3 of App. A, the WikiText-103 column: ``lambda_1 = 0.1``, ``lambda_2 = 0.05``,
+    ``lambda_3 = 1e-4``; its vision models use 0.02 and 1e-5); ``lambda_alpha(t)`` decays
+    linearly to ``alpha_floor`` (the paper's 5e-8) over ``alpha_decay_steps`` (the paper: 2,000
+    of its 3-5K steps; default here: 40% of ``steps``). With Adam and the initializer in its
+    own parameter group (it only sees ``L_init``), what matters is the ratio
+    ``lambda_alpha / lambda_conv``. Only the solver's
     parameters get gradients (``f``'s ``.grad`` stays untouched). ``z_star`` defaults to
     :func:`fixed_points` (Anderson to relative residual 1e-6). ``time_budget`` (seconds) stops
     early. The initializer, trained by ``L_init`` alone, may get its own learning rate
@@ -709,7 +723,8 @@ def train_hypersolver(hyper: HyperSolver, f: Callable[[Tensor, Tensor], Tensor],
             idx_i = torch.randint(0, N, (min(init_batch_size, N),), generator=gen)
             zi = z_star[idx_i].reshape(len(idx_i), -1)
             L["init"] = (hyper.initial_state(x[idx_i]).reshape(zi.shape) - zi).norm(dim=1).mean()
-        lam_a = lambda_alpha * max(0.0, 1.0 - it / decay)
+        floor = min(alpha_floor, lambda_alpha)
+        lam_a = floor + (lambda_alpha - floor) * max(0.0, 1.0 - it / decay)
         loss = lambda_conv * L["conv"] + lambda_init * L["init"] + lam_a * L["alpha"]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for p, g in zip(params, grads):
@@ -771,10 +786,14 @@ def budget_curve(f: Callable[[Tensor], Tensor], z0: Tensor, solver: Any, max_nfe
     its = torch.stack(tr.iterates)  # (T, B, ...)
     T, B = res.shape
     out: Dict[str, List[float]] = {"nfe": [], "rel_residual": [], "error": [], "accuracy": []}
-    best = torch.full((B,), math.inf, dtype=res.dtype)
+    best = torch.full((B,), math.inf, dtype=res.dtype, device=res.device)
     best_z = its[0].clone()
+    if z_star is not None:
+        z_star = z_star.to(its.device)
+    if labels is not None:
+        labels = labels.to(its.device)
     rel = tr.rel_residual
-    best_rel = torch.full((B,), math.inf, dtype=res.dtype)
+    best_rel = torch.full((B,), math.inf, dtype=res.dtype, device=res.device)
     for k in range(T):
         better = torch.isfinite(res[k]) & (res[k] < best)
         best = torch.where(better, res[k], best)
@@ -804,6 +823,75 @@ def matched_nfe(values: Sequence[float], target: float, tol: float, higher_is_be
     while k > 0 and ok[k - 1]:
         k -= 1
     return k + 1
+
+
+def median_times(fns: Dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1) -> Dict[str, Dict[str, float]]:
+    """Median wall-clock *and* CPU seconds (``time.process_time``) of each ``fns[name]()``.
+
+    The runs are interleaved (round ``r`` runs every function once), so load from other
+    processes on a shared machine falls on all of them alike; ratios taken from one call
+    are the numbers to quote. Returns ``{name: {"wall": s, "cpu": s}}``."""
+    _check_pos_int("repeats", repeats)
+    _check_pos_int("warmup", warmup, lo=0)
+    wall: Dict[str, List[float]] = {k: [] for k in fns}
+    cpu: Dict[str, List[float]] = {k: [] for k in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            t1, c1 = time.perf_counter(), time.process_time()
+            if r >= warmup:
+                wall[name].append(t1 - t0)
+                cpu[name].append(c1 - c0)
+
+    def med(v: List[float]) -> float:
+        v = sorted(v)
+        mid = len(v) // 2
+        return v[mid] if len(v) % 2 else 0.5 * (v[mid - 1] + v[mid])
+
+    return {name: {"wall": med(wall[name]), "cpu": med(cpu[name])} for name in fns}
+
+
+def slow_digits_deq(width: int = 256, gain: float = 1.1, *, seed: int = 0, inject_scale: float = 0.3,
+                    **deq_options: Any) -> nn.Module:
+    """An untrained digits :class:`~deqlite.models.mlp.DEQClassifier` whose map is *slow*:
+    ``W`` starts as ``gain`` times a random orthogonal matrix and is left unconstrained.
+
+    Its Jacobian at the fixed point, ``diag(1 - z*^2) W``, has eigenvalues spread around a
+    circle of radius close to 1, so plain iteration gains little per step and Anderson needs
+    15-30 evaluations to a relative residual of 1e-3-1e-4: the regime of the paper's DEQs,
+    which need tens of solver steps. (A spectrally normalised ``W``, as in chapter 3, gives
+    a map Anderson solves in 6-7 steps: nothing left to accelerate.) The injection starts
+    scaled by ``inject_scale`` so the model leans on its equilibrium.
+    """
+    from .models.mlp import DEQClassifier
+
+    _check_pos_int("width", width)
+    if not (isinstance(gain, (int, float)) and gain > 0):
+        raise ValueError(f"gain must be a positive number, got {gain!r}; 0.9-1.3 gives a slow map")
+    opts: Dict[str, Any] = dict(tol=1e-4, max_iter=40, backward="jacobian_free")
+    opts.update(deq_options)
+    torch.manual_seed(seed)
+    model = DEQClassifier(64, width, 10, radius=None, **opts)
+    with torch.no_grad():
+        q, r = torch.linalg.qr(torch.randn(width, width))
+        model.cell.W.weight.copy_(gain * q * torch.sign(torch.diagonal(r))[None, :])
+        model.inject.weight.mul_(inject_scale)
+    return model
+
+
+def frozen_map(model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    """``f(z, x) = tanh(W z + inject(x))`` of a trained :class:`DEQClassifier`, with ``W``
+    read once (a spectral-norm parametrisation would otherwise recompute an SVD per call).
+    Freezes the model (``eval()``, no gradients)."""
+    model.eval().requires_grad_(False)
+    W = model.cell.W.weight.detach().clone()
+    inject = model.inject
+
+    def f(z: Tensor, x: Tensor) -> Tensor:
+        return torch.tanh(z @ W.T + inject(x))
+
+    return f
 
 
 def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
@@ -869,11 +957,34 @@ def steps_figure(snapshot: Dict[str, Dict[str, Any]], height: int = 380):
         fig.add_trace(go.Box(y=snapshot[name]["rel_residual"], name=name, boxpoints=False,
                              showlegend=False), row=1, col=1)
     fig.add_trace(go.Bar(x=names, y=[snapshot[n]["accuracy"] for n in names], showlegend=False,
-                         text=[f"{snapshot[n]['accuracy']:.1f}" for n in names], textposition="outside"),
+                         text=[f"{snapshot[n]['accuracy']:.1f}" for n in names], textposition="inside",
+                         insidetextanchor="end"),
                   row=1, col=2)
     fig.update_yaxes(type="log", exponentformat="power", row=1, col=1)
-    fig.update_layout(height=height, margin=dict(t=60, b=40))
+    fig.update_yaxes(range=[0, 100], row=1, col=2)  # labels sit inside the bars, clear of the title
+    fig.update_layout(height=height, margin=dict(t=80, b=40), template=_template())
     return fig
+
+
+def race_snapshot(f: Callable[[Tensor], Tensor], starts: Dict[str, Tuple[Any, Tensor]], budgets: Dict[str, int], *,
+                  readout: Callable[[Tensor], Tensor], labels: Tensor) -> Dict[str, Dict[str, Any]]:
+    """Like :func:`budget_snapshot`, but each solver gets its own budget: ``budgets[name]``
+    evaluations of ``f``. Keys of the result read ``"name (K)"``; the compute of the chapter's
+    "Anderson's steps vs the neural solver's steps" slider."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, (solver, z0) in starts.items():
+        if name not in budgets:
+            raise ValueError(f"no budget for solver {name!r}: budgets has {sorted(budgets)}")
+        _check_pos_int(f"budgets[{name!r}]", budgets[name])
+        snap = budget_snapshot(f, {name: (solver, z0)}, budgets[name], readout=readout, labels=labels)[name]
+        out[f"{name} ({budgets[name]})"] = snap
+    return out
+
+
+def _template() -> str:
+    """The book's plotly theme (``deqlite/viz/theme.py``), so figures follow light/dark mode."""
+    from .viz.theme import register
+    return register()
 
 
 def pareto_figure(curves: Dict[str, Dict[str, List[float]]], times: Optional[Dict[str, List[float]]] = None,
@@ -888,7 +999,7 @@ def pareto_figure(curves: Dict[str, Dict[str, List[float]]], times: Optional[Dic
     titles = ["accuracy vs evaluations of f"] + (["accuracy vs wall time"] if times else []) + \
              ["residual vs evaluations of f"] + (["residual vs wall time"] if times else [])
     fig = make_subplots(rows=2, cols=cols, subplot_titles=titles, vertical_spacing=0.14)
-    palette = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692"]
+    from .viz.theme import COLORWAY as palette
     for i, (name, c) in enumerate(curves.items()):
         color = palette[i % len(palette)]
         xs = [("nfe", c["nfe"], 1)]
@@ -906,5 +1017,5 @@ def pareto_figure(curves: Dict[str, Dict[str, List[float]]], times: Optional[Dic
     for col in range(1, cols + 1):
         fig.update_yaxes(type="log", exponentformat="power", row=2, col=col)
         fig.update_xaxes(title_text="evaluations of f" if col == 1 else "milliseconds", row=2, col=col)
-    fig.update_layout(height=height, margin=dict(t=60))
+    fig.update_layout(height=height, margin=dict(t=60), template=_template())
     return fig

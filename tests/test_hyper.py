@@ -295,3 +295,83 @@ def test_docstring_examples_run():
     res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
                           extraglobs={"torch": torch})
     assert res.attempted >= 5 and res.failed == 0
+
+
+# ---------------------------------------------------------------- issue 11 additions
+
+
+def test_paper_loss_weights_are_the_defaults():
+    import inspect
+
+    sig = inspect.signature(train_hypersolver).parameters
+    assert (sig["lambda_conv"].default, sig["lambda_init"].default, sig["lambda_alpha"].default) == (0.1, 0.05, 1e-4)
+    assert sig["alpha_floor"].default == 5e-8
+
+
+def test_race_snapshot_gives_each_solver_its_own_budget():
+    from deqlite.hyper import budget_snapshot, race_snapshot
+
+    f = lambda z: torch.tanh(0.9 * z + 0.5)  # noqa: E731
+    z0 = torch.zeros(6, 3)
+    labels = torch.zeros(6, dtype=torch.long)
+    readout = lambda z: torch.cat([z, -z], -1)  # noqa: E731
+    snap = race_snapshot(f, {"picard": ("picard", z0), "anderson": ("anderson", z0)},
+                         {"picard": 3, "anderson": 7}, readout=readout, labels=labels)
+    assert set(snap) == {"picard (3)", "anderson (7)"}
+    ref = budget_snapshot(f, {"picard": ("picard", z0)}, 3, readout=readout, labels=labels)["picard"]
+    assert (snap["picard (3)"]["rel_residual"] == ref["rel_residual"]).all()
+    assert snap["anderson (7)"]["rel_residual"].max() < snap["picard (3)"]["rel_residual"].min()
+    with pytest.raises(ValueError, match="no budget"):
+        race_snapshot(f, {"picard": ("picard", z0)}, {}, readout=readout, labels=labels)
+
+
+def test_slow_digits_deq_is_slow_and_frozen_map_matches_the_model():
+    from deqlite.hyper import frozen_map, slow_digits_deq
+
+    model = slow_digits_deq(32, 1.1, seed=0)
+    W = model.cell.W.weight.detach()
+    sv = torch.linalg.svdvals(W)
+    assert torch.allclose(sv, torch.full_like(sv, 1.1), atol=1e-4)  # gain x orthogonal
+    f = frozen_map(model)
+    x, z = torch.randn(4, 64), torch.randn(4, 32)
+    assert torch.allclose(f(z, x), model.cell(z, model.inject(x)), atol=1e-6)
+    assert not any(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="gain"):
+        slow_digits_deq(8, -1.0)
+
+
+def test_median_times_reports_wall_and_cpu():
+    from deqlite.hyper import median_times
+
+    out = median_times({"a": lambda: sum(range(1000)), "b": lambda: None}, repeats=3)
+    assert set(out) == {"a", "b"} and set(out["a"]) == {"wall", "cpu"}
+    assert out["a"]["wall"] >= 0 and out["a"]["cpu"] >= 0
+    with pytest.raises(ValueError, match="repeats"):
+        median_times({"a": lambda: None}, repeats=0)
+
+
+def test_figures_use_the_book_theme():
+    from deqlite.hyper import pareto_figure, steps_figure
+
+    snap = {"a": {"rel_residual": [1e-3, 1e-2], "accuracy": 96.0}}
+    fig = steps_figure(snap)
+    assert fig.layout.template.layout.paper_bgcolor == "rgba(0,0,0,0)"
+    assert fig.data[1].textposition == "inside"  # the bar labels stay clear of the panel title
+    curve = {"nfe": [1, 2], "rel_residual": [1e-1, 1e-2], "accuracy": [90.0, 95.0]}
+    assert pareto_figure({"a": curve}).layout.template.layout.paper_bgcolor == "rgba(0,0,0,0)"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_budget_curve_and_training_on_the_gpu():
+    dev = torch.device("cuda")
+    f = _tanh_map(D=8, dtype=torch.float32)
+    x = torch.randn(16, 8)
+    zs, _ = fixed_points(f, x, state_shape=(8,))
+    hyper = HyperSolver.build(state_dim=8, input_dim=8, m=2, compress_dim=0)
+    for mod in (hyper.mixer, hyper.initializer):
+        mod.to(dev)
+    W_dev = lambda z, xx: f(z.cpu(), xx.cpu()).to(dev)  # noqa: E731  the map stays on the CPU
+    train_hypersolver(hyper, W_dev, x.to(dev), zs.to(dev), K=2, steps=2, batch_size=4)
+    c = budget_curve(lambda z: W_dev(z, x), hyper.initial_state(x.to(dev)).detach(), hyper, 3,
+                     z_star=zs.to(dev), readout=lambda z: z, labels=torch.zeros(16, dtype=torch.long, device=dev))
+    assert len(c["rel_residual"]) == 3
