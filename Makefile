@@ -37,7 +37,7 @@ SRC_HASH = $(shell find deqlite -name '*.py' -not -path '*/__pycache__/*' | LC_A
 
 build: setup
 	@mkdir -p _build
-	@if [ "$$(cat _build/.deqlite-src-hash 2>/dev/null)" != "$(SRC_HASH)" ]; then \
+	@if [ -d _build/.jupyter_cache ] && [ "$$(cat _build/.deqlite-src-hash 2>/dev/null)" != "$(SRC_HASH)" ]; then \
 		echo "deqlite changed: clearing the notebook execution cache"; rm -rf _build/.jupyter_cache; fi
 	$(BUILD_CMD)
 	@echo "$(SRC_HASH)" > _build/.deqlite-src-hash

@@ -199,3 +199,109 @@ def test_jupyterlab_live_slider(browser, tmp_path, artifacts):
         except subprocess.TimeoutExpired:
             lab.kill()
         log.close()
+
+
+# ---- defect classes a reader saw (issue 12): checked on standalone figures, and on the
+# ---- built book where it exists ------------------------------------------------------------
+
+EXPLORER_JS = ROOT / "deqlite" / "_book" / "static" / "deqlite" / "explorer.js"
+
+
+def _figure_page(browser, fig, tmp_path: Path, *, width: int = 1000, extra_js: str = ""):
+    """A page holding one plotly figure (plotly.js inline: offline), and its console errors."""
+    html = fig.to_html(include_plotlyjs=True, full_html=True, div_id="fig")
+    html = html.replace("</body>", f"<script>{extra_js}</script></body>")
+    path = tmp_path / "figure.html"
+    path.write_text(html)
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(path.as_uri(), wait_until="load")
+    page.wait_for_selector("#fig .main-svg", timeout=20_000)
+    return page, errors
+
+
+def test_tol_label_sits_on_its_line(browser, tmp_path):
+    """The `tol` label of a race figure is drawn next to its dashed line (it floated
+    190-280 px above it: plotly placed it at y = tol on a log axis)."""
+    from deqlite import race as R
+
+    p = R.slow_tanh(0.9, D=8, B=2, seed=0)
+    traces = R.race(p.f, p.z0, {"picard": {"solver": "picard"}}, tol=1e-6, max_iter=200)
+    page, errors = _figure_page(browser, R.race_figure(traces, tol=1e-6), tmp_path)
+    label = page.locator("#fig .annotation-text", has_text="tol").first.bounding_box()
+    line = page.evaluate("""() => { const r = document.querySelector('#fig .layer-above path, #fig .shapelayer path')
+                                                   .getBoundingClientRect(); return [r.top, r.bottom]; }""")
+    page.close()
+    assert label is not None, "no `tol` label drawn"
+    gap = min(abs(label["y"] - line[0]), abs(label["y"] + label["height"] - line[1]))
+    assert gap < 25, f"the tol label is {gap:.0f} px from its dashed line (expected < 25 px)"
+    assert not errors, f"console errors: {errors}"
+
+
+def test_explorer_one_slider_per_knob(browser, tmp_path):
+    """A two-parameter Explorer shows two sliders; moving one changes only that knob, and
+    the figure shows the combination both select (explorer.js, shipped with the book)."""
+    import plotly.graph_objects as go
+
+    from deqlite.viz import Explorer
+
+    ex = Explorer(lambda a, b: a * 10 + b, {"a": [1, 2, 3], "b": [1, 2]},
+                  lambda v: go.Figure(go.Scatter(x=[0, 1], y=[0, v])), initial={"a": 1, "b": 1})
+    fig = ex.figure()
+    assert [len(s.steps) for s in fig.layout.sliders] == [3, 2], "one slider per parameter"
+    page, errors = _figure_page(browser, fig, tmp_path, extra_js=EXPLORER_JS.read_text())
+
+    def y_end():
+        return page.evaluate("document.getElementById('fig').data[0].y[1]")
+
+    def click(slider: int, frac: float):
+        rail = page.locator("#fig .slider-rail-touch-rect").nth(slider).bounding_box()
+        page.mouse.click(rail["x"] + frac * rail["width"], rail["y"] + rail["height"] / 2)
+        page.wait_for_timeout(400)
+
+    assert y_end() == 11
+    click(0, 0.98)  # a = 3, b stays 1
+    assert y_end() == 31, f"slider a -> 3 should show a=3, b=1 (31), got {y_end()}"
+    click(1, 0.98)  # b = 2, a stays 3
+    assert y_end() == 32, f"slider b -> 2 should show a=3, b=2 (32), got {y_end()}"
+    click(0, 0.02)  # a = 1, b stays 2
+    assert y_end() == 12, f"slider a -> 1 should show a=1, b=2 (12), got {y_end()}"
+    boxes = [page.locator("#fig .slider-group").nth(i).bounding_box() for i in range(2)]
+    page.close()
+    assert boxes[0]["y"] + boxes[0]["height"] <= boxes[1]["y"] + 5, "the two sliders do not overlap"
+    real = [e for e in errors if e != "undefined"]  # see test_intro_page_offline
+    assert not real, f"console errors: {real}"
+
+
+CHAPTER_PAGES = ["intro", "weight_tied", "implicit_backward", "solvers", "delta", "hyper", "api", "status"]
+
+
+@pytest.mark.parametrize("name", CHAPTER_PAGES)
+def test_built_page_fits_a_phone_and_logs_no_error(browser, book_server, name):
+    """At a phone's width (390 px) no page scrolls sideways, and no page logs a console error."""
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    guard_network(page)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(f"{book_server}/book/{name}.html", wait_until="load")
+    page.wait_for_timeout(1000)
+    wide = page.evaluate("document.documentElement.scrollWidth")
+    page.close()
+    assert wide <= 391, f"{name}.html is {wide} px wide on a 390 px phone: something overflows the page"
+    assert not errors, f"{name}.html logs console errors: {errors}"
+
+
+@pytest.mark.parametrize("name", CHAPTER_PAGES[:6])
+def test_chapter_has_no_stray_glue_output(name):
+    """A cell whose last line is `glue(...)` must end with `;`: otherwise the glued value is
+    printed under the cell as a stray output."""
+    import re
+
+    md = (ROOT / "book" / f"{name}.md").read_text()
+    stray = [cell.strip().splitlines()[-1] for cell in re.findall(r"```\{code-cell\}[^\n]*\n(.*?)```", md, re.S)
+             if cell.strip() and re.match(r"glue\(", cell.strip().splitlines()[-1])
+             and not cell.strip().endswith(";")]
+    assert not stray, f"book/{name}.md: cells ending in a glue call without ';' print a stray value: {stray}"

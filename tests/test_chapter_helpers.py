@@ -216,3 +216,27 @@ def test_race_figures():
     assert len(anim.layout.sliders[0].steps) == n
     with pytest.raises(ValueError, match="iterates"):
         R.race_animation(R.race(p.f, p.z0, {"p": {"solver": "picard"}}))
+
+
+def test_stacked_deq_layer_fixed_point_is_the_stack():
+    import deqlite
+    from deqlite.models.weight_tied import stacked_deq_layer
+
+    torch.manual_seed(0)
+    A1 = 0.5 * torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))[0]
+    A2 = 0.5 * torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))[0]
+    B2 = torch.randn(3, 4, dtype=torch.float64)
+    f1 = lambda z, x: torch.tanh(z @ A1.T + x)  # noqa: E731
+    f2 = lambda z, y: torch.tanh(z @ A2.T + y @ B2.T)  # noqa: E731
+    x = torch.randn(5, 4, dtype=torch.float64)
+    z1, _ = deqlite.solve(lambda z: f1(z, x), torch.zeros(5, 4, dtype=torch.float64), tol=1e-13, max_iter=300)
+    z2, _ = deqlite.solve(lambda z: f2(z, z1), torch.zeros(5, 3, dtype=torch.float64), tol=1e-13, max_iter=300)
+    F = stacked_deq_layer(f1, f2, 4)
+    joint = torch.cat([z1, z2], 1)
+    assert torch.allclose(F(joint, x), joint, atol=1e-11), "the stack's fixed point is fixed by the joint layer"
+    with pytest.raises(ValueError, match="d1"):
+        stacked_deq_layer(f1, f2, 0)
+    with pytest.raises(TypeError, match="callables"):
+        stacked_deq_layer(f1, None, 4)
+    with pytest.raises(ValueError, match=r"\(B, d1 \+ d2\)"):
+        F(torch.zeros(5, 4, dtype=torch.float64), x)

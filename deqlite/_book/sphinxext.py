@@ -29,6 +29,7 @@ STATIC = Path(__file__).parent / "static"
 PLOTLY_JS = "deqlite/plotly.min.js"
 MATHJAX_JS = "deqlite/vendor/mathjax/es5/tex-chtml.js"
 REQUIRE_JS = "deqlite/vendor/requirejs/require.js"
+EXPLORER_JS = "deqlite/explorer.js"  # joins an Explorer's per-parameter sliders
 # A page needs plotly.js when its body holds one of these (written by plotly.io.to_html).
 PLOTLY_MARKERS = ("plotly-graph-div", "Plotly.newPlot")
 
@@ -72,6 +73,8 @@ def _page_context(app: Sphinx, pagename: str, templatename: str, context: dict, 
         # priority < 500: before require.js, so plotly.js sets window.Plotly instead of
         # registering itself as an anonymous AMD module.
         app.add_js_file(PLOTLY_JS, priority=200)
+        if "deqlite_explorer" in body:  # one slider per parameter (deqlite.viz.Explorer)
+            app.add_js_file(EXPLORER_JS, priority=800)
 
 
 def _dedupe_assets(app: Sphinx, pagename: str, templatename: str, context: dict, doctree: Any) -> None:

@@ -6,7 +6,9 @@
   with the input injected at every step; run for ``depth`` steps or solved for its fixed point;
 - :func:`universal_weight_tied`: the construction from the universality theorem of the DEQ
   paper (Bai, Kolter & Koltun 2019, the slides' block matrices): any ``L``-layer MLP is an
-  ``L``-step weight-tied network whose width is the sum of the MLP's layer widths.
+  ``L``-step weight-tied network whose width is the sum of the MLP's layer widths;
+- :func:`stacked_deq_layer`: two DEQs in sequence are one DEQ (the slides' "a single DEQ
+  layer is enough"): the joint layer whose fixed point holds both fixed points.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ExplicitMLP", "BlockActivation", "WeightTiedNet", "universal_weight_tied", "last_block"]
+__all__ = ["ExplicitMLP", "BlockActivation", "WeightTiedNet", "universal_weight_tied", "last_block", "stacked_deq_layer"]
 
 Activation = Callable[[Tensor], Tensor]
 
@@ -171,3 +173,28 @@ def last_block(z: Tensor, mlp: ExplicitMLP) -> Tensor:
     """The block of a :func:`universal_weight_tied` state that holds the MLP's output."""
     return z[..., -mlp.dims[-1]:]
 
+
+def stacked_deq_layer(f1: Callable[[Tensor, Tensor], Tensor], f2: Callable[[Tensor, Tensor], Tensor],
+                      d1: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """One layer equivalent to two stacked DEQs.
+
+    The stack solves ``z1 = f1(z1, x)`` and then ``z2 = f2(z2, z1)``; the returned layer
+    ``F([z1, z2], x) = [f1(z1, x), f2(z2, z1)]`` acts on the concatenated state (``d1``
+    entries of ``z1`` first), and its fixed points are exactly the pairs ``(z1*, z2*)``.
+    Its Jacobian is block lower triangular, so its eigenvalues are those of the two layers:
+    one DEQ, no slower to solve than the slower of the two.
+
+    Shapes: ``z`` is ``(B, d1 + d2)``, ``x`` whatever ``f1`` takes.
+    """
+    if not (callable(f1) and callable(f2)):
+        raise TypeError(f"f1 and f2 must be callables f(z, x), got {type(f1).__name__} and {type(f2).__name__}")
+    if isinstance(d1, bool) or not isinstance(d1, int) or d1 < 1:
+        raise ValueError(f"d1 (the width of the first DEQ's state) must be a positive int, got {d1!r}")
+
+    def layer(z: Tensor, x: Tensor) -> Tensor:
+        if z.dim() != 2 or z.shape[1] <= d1:
+            raise ValueError(f"z must be (B, d1 + d2) with d1 = {d1} and d2 >= 1, got shape {tuple(z.shape)}")
+        z1, z2 = z[:, :d1], z[:, d1:]
+        return torch.cat([f1(z1, x), f2(z2, z1)], dim=1)
+
+    return layer

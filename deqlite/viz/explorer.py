@@ -157,11 +157,36 @@ class Explorer:
             restyle = {k: [tr.get(k) for tr in traces] for k in keys}
             relayout = _layout_text(f)
             steps.append(dict(method="update", label=label, args=[restyle, relayout]))
-        prefix = f"{next(iter(self.grid))} = " if len(self.grid) == 1 else ""
-        slider = dict(active=active, currentvalue=dict(prefix=prefix), pad=dict(t=50), steps=steps)
-        fig.update_layout(sliders=[slider])
-        margin_b = (fig.layout.margin.b or 50) + 60
-        fig.update_layout(margin=dict(b=margin_b))
+        if len(self.grid) == 1:
+            prefix = f"{next(iter(self.grid))} = "
+            slider = dict(active=active, currentvalue=dict(prefix=prefix), pad=dict(t=50, l=20), steps=steps)
+            fig.update_layout(sliders=[slider])
+            fig.update_layout(margin=dict(b=(fig.layout.margin.b or 50) + 60))
+            return fig
+        return self._knob_sliders(fig, steps, settings[active])
+
+    def _knob_sliders(self, fig: go.Figure, steps: list[dict[str, Any]], shown: Mapping[str, Any]) -> go.Figure:
+        """One slider per parameter. Plotly sliders are independent, so each step only
+        records its knob ("skip"); the combination's data (``steps``, in the order of
+        :meth:`settings`) lives in ``layout.meta["deqlite_explorer"]``, and the book's
+        script ``_static/deqlite/explorer.js`` (shipped by ``deqlite._book.sphinxext``,
+        offline) applies the combination the sliders select together."""
+        sliders, row = [], 90  # px per slider
+        for i, (name, values) in enumerate(self.grid.items()):
+            sliders.append(dict(
+                active=list(values).index(shown[name]), currentvalue=dict(prefix=f"{name} = "),
+                pad=dict(t=10, l=20, r=20), len=1.0, x=0, xanchor="left", y=0, yanchor="top",
+                name=name, steps=[dict(method="skip", label=_fmt(v), args=[None]) for v in values]))
+        height = fig.layout.height or 450
+        n = len(sliders)
+        fig.update_layout(height=height + row * n, margin=dict(b=(fig.layout.margin.b or 50) + row * n))
+        # stack the sliders below the plot: y in paper units, measured from the plot's bottom
+        plot_h = height - (fig.layout.margin.t or 80) - 50
+        for i, sl in enumerate(sliders):
+            sl["y"] = -(50 + row * i) / max(plot_h, 100)
+        fig.update_layout(sliders=sliders, meta={"deqlite_explorer": {
+            "sizes": [len(v) for v in self.grid.values()],
+            "steps": [step["args"] for step in steps]}})
         return fig
 
     @staticmethod
