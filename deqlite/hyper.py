@@ -771,10 +771,10 @@ def budget_curve(f: Callable[[Tensor], Tensor], z0: Tensor, solver: Any, max_nfe
     its = torch.stack(tr.iterates)  # (T, B, ...)
     T, B = res.shape
     out: Dict[str, List[float]] = {"nfe": [], "rel_residual": [], "error": [], "accuracy": []}
-    best = torch.full((B,), math.inf, dtype=res.dtype)
+    best = torch.full((B,), math.inf, dtype=res.dtype, device=res.device)
     best_z = its[0].clone()
     rel = tr.rel_residual
-    best_rel = torch.full((B,), math.inf, dtype=res.dtype)
+    best_rel = torch.full((B,), math.inf, dtype=res.dtype, device=res.device)
     for k in range(T):
         better = torch.isfinite(res[k]) & (res[k] < best)
         best = torch.where(better, res[k], best)

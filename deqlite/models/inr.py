@@ -385,7 +385,7 @@ def time_iterations(model: DEQINR, coords: Tensor, threshold: float, *, n_iter: 
         with torch.no_grad(), parametrize.cached():
             g, h = model.injection(coords)
             layer.reset()
-            z = torch.zeros(coords.shape[0], model.width, dtype=g.dtype)
+            z = torch.zeros(coords.shape[0], model.width, dtype=g.dtype, device=g.device)
             t0 = time.perf_counter()
             for _ in range(n_iter):
                 z = torch.lerp(z, model.f(z, g, h), beta)
@@ -508,7 +508,7 @@ def delta_picard_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter
             cost = 0
             rows_hist, frac_hist = [], []
             force_all = True  # z0 need not equal f's output under the new filters
-        active = torch.arange(B)
+        active = torch.arange(B, device=x.device)
         converged = False
         zeros = torch.zeros((), dtype=z.dtype)
         for _ in range(len(rows_hist), max_iter):
@@ -588,7 +588,7 @@ def time_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter: int,
             t0 = time.perf_counter()
             g, h = model.injection(x)
             W, b = model.layer.weight, model.layer.bias
-            z = torch.zeros(x.shape[0], model.width, dtype=g.dtype)
+            z = torch.zeros(x.shape[0], model.width, dtype=g.dtype, device=g.device)
             for _ in range(max_iter):
                 y = F.linear(z + g, W, b)
                 z = h * y if model.kind == "fourier" else torch.sin(y + h)
@@ -620,10 +620,10 @@ def time_compact(model: DEQINR, x: Tensor, threshold: float, *, max_iter: int,
 def follow_pixels(n_pixels: int, idx_prev: Tensor, idx: Tensor) -> Tensor:
     """For each pixel of the new frame ``idx``, its batch position in the previous frame
     ``idx_prev``; a pixel that is new keeps its own batch position. ``(len(idx),)`` long."""
-    where_prev = torch.full((n_pixels,), -1, dtype=torch.long)
-    where_prev[idx_prev] = torch.arange(idx_prev.numel())
+    where_prev = torch.full((n_pixels,), -1, dtype=torch.long, device=idx.device)
+    where_prev[idx_prev] = torch.arange(idx_prev.numel(), device=idx.device)
     src = where_prev[idx]
-    return torch.where(src >= 0, src, torch.arange(idx.numel()))
+    return torch.where(src >= 0, src, torch.arange(idx.numel(), device=idx.device))
 
 
 @dataclass
@@ -724,7 +724,7 @@ def time_sequence(model: DEQINR, coords: Tensor, pixels: Tensor, frames: list[Te
             z_prev, idx_prev = None, None
             for idx in frames:
                 g, h = model.injection(coords[idx])
-                z = torch.zeros(idx.numel(), model.width, dtype=g.dtype) if z_prev is None \
+                z = torch.zeros(idx.numel(), model.width, dtype=g.dtype, device=g.device) if z_prev is None \
                     else z_prev.index_select(0, follow_pixels(n_pix, idx_prev, idx))
                 for k in range(max_iter):
                     y = F.linear(z + g, W, b)
