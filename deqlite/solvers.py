@@ -441,6 +441,10 @@ class Newton(Solver):
         A = J - eye
         finite = torch.isfinite(A).flatten(1).all(1)  # (B,)
         A = torch.where(finite[:, None, None], A, -eye)  # a broken Jacobian -> a plain step
+        if A.dtype not in (torch.float32, torch.float64):
+            # torch.linalg has no half-precision LU ("lu_cpu" not implemented for 'BFloat16'):
+            # solve the n x n system in float32, keep the state in its own dtype
+            A, g = A.float(), g.float()
         dz, info = torch.linalg.solve_ex(A, -g)
         ok = finite & (info == 0) & torch.isfinite(dz).flatten(1).all(1)
         # singular (J - I): fall back to the plain step f(z) - z for that sample
@@ -529,7 +533,10 @@ def solve(
 
     Args:
         f: the map, ``(B, ...) -> (B, ...)`` (same shape). Samples should not interact.
-        z0: starting point, ``(B, ...)`` with any trailing shape; float32 or float64.
+        z0: starting point, ``(B, ...)`` with any trailing shape, on any device; float32,
+            float64, or half precision (bfloat16 / float16: Anderson's weights and Newton's
+            linear solve are computed in float64 / float32 and cast back). The state keeps
+            ``z0``'s dtype and device; under ``torch.autocast``, ``f(z)`` is cast to it.
         solver: a registered name (``available_solvers()``) or a :class:`Solver` object.
         tol: stop when every sample's residual (``stop="rel"`` or ``"abs"``) is ``<= tol``.
         max_iter: the maximum number of steps (= function evaluations, except Newton).
@@ -588,6 +595,7 @@ def solve(
         rel_rows: List[Tensor] = []
         iterates: Optional[List[Tensor]] = [] if return_iterates else None
         nfe = 0
+        autocast = False
         for k in range(max_iter):
             fz = f(z.view(shape))
             nfe += 1
@@ -597,8 +605,12 @@ def solve(
                     raise ValueError(
                         f"f must return the shape of its input: z has shape {tuple(shape)}, "
                         f"f(z) has shape {got}")
-                if fz.dtype != z.dtype:
-                    raise TypeError(f"f changed the dtype: z is {z.dtype}, f(z) is {fz.dtype}")
+                autocast = fz.dtype != z.dtype and torch.is_autocast_enabled(z.device.type)
+                if fz.dtype != z.dtype and not autocast:
+                    raise TypeError(f"f changed the dtype: z is {z.dtype}, f(z) is {fz.dtype}; "
+                                    f"start from z0.to({fz.dtype}) or make f keep its input's dtype")
+            if autocast:  # under torch.autocast f may return another precision: the state keeps z0's
+                fz = fz.to(z.dtype)
             fz = fz.reshape(B, -1)
             f_norm = torch.linalg.vector_norm(fz, dim=1)  # (B,)
             # an overflowing ||f(z)|| (inf, with finite entries) would make the relative

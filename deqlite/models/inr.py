@@ -67,7 +67,9 @@ class SpectralScale(nn.Module):
         self.scale = float(scale)
 
     def forward(self, W: Tensor) -> Tensor:
-        return W * (self.scale / torch.linalg.matrix_norm(W, ord=2))
+        # torch.linalg has no half-precision SVD: the norm in float32, the weight in its dtype
+        work = W if W.dtype in (torch.float32, torch.float64) else W.float()
+        return W * (self.scale / torch.linalg.matrix_norm(work, ord=2)).to(W.dtype)
 
 
 def psnr(pred: Tensor, target: Tensor, data_range: float = 2.0) -> float:
