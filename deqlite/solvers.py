@@ -684,6 +684,13 @@ def solve(
             np.float16 if z.dtype == torch.float16 else np.float32)
         tiny = np_dtype(torch.finfo(z.dtype).tiny)
         tol_np = np_dtype(tol) if z.dtype != torch.bfloat16 else np.float32(torch.tensor(tol, dtype=z.dtype).item())
+        norm_buf = torch.empty(2, B, dtype=z.dtype, device=dev)
+        if dev.type == "cpu" and z.dtype in (torch.float32, torch.float64, torch.float16):
+            norm_host, norm_np = None, norm_buf.numpy()
+        else:
+            norm_host = torch.empty(2, B, dtype=torch.float32 if np_dtype is np.float32 else z.dtype,
+                                    pin_memory=dev.type == "cuda")
+            norm_np = norm_host.numpy()
         best_z = z
         best_res = np.full(B, np.inf, dtype=np_dtype)
         best_step = np.full(B, -1, dtype=np.int64)
@@ -712,10 +719,14 @@ def solve(
                 fz = fz.to(z.dtype)
             fz = fz.reshape(B, -1)
             g = fz - z  # the residual g(z), (B, n): also handed to the solver's step
-            norms = torch.stack((torch.linalg.vector_norm(g, dim=1),
-                                 torch.linalg.vector_norm(fz, dim=1))).detach()  # (2, B)
-            norms = (norms if np_dtype is not np.float32 or norms.dtype == torch.float32
-                     else norms.float()).cpu().numpy()
+            # both norms land in one buffer, allocated once; on a CPU in float32/64 its numpy
+            # view shares the memory, elsewhere one (2, B) copy to the host per step
+            gd, fd = (g.detach(), fz.detach()) if g.requires_grad else (g, fz)
+            torch.linalg.vector_norm(gd, dim=1, out=norm_buf[0])
+            torch.linalg.vector_norm(fd, dim=1, out=norm_buf[1])
+            if norm_host is not None:
+                norm_host.copy_(norm_buf)
+            norms = norm_np  # (2, B): ||g||, ||f(z)||
             f_norm = norms[1]
             # an overflowing ||f(z)|| (inf, with finite entries) would make the relative
             # residual 0 and a runaway sample look converged: every non-finite ||f(z)|| makes
@@ -751,10 +762,11 @@ def solve(
                     # the others go on (samples never mix, so its NaNs cannot reach them)
                     diverged = diverged | new_div
                     any_diverged = True
-            done = best_res <= tol_np
-            if any_diverged:
-                done = done | diverged
-            if k == max_iter - 1 or done.all():
+            if all_better:  # best_res is res, all finite
+                stop_now = bool(res.max() <= tol_np)
+            else:
+                stop_now = bool(((best_res <= tol_np) | diverged).all())
+            if k == max_iter - 1 or stop_now:
                 break
             z_next, state = slv.step_residual(f_flat, z, fz, g, state)
             if any_diverged:
