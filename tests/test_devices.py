@@ -172,3 +172,17 @@ def test_models_on_device_and_dtype(device, dtype):
     clf = DEQClassifier(12, 8, 3, on_failure="ignore").to(device, dtype)
     logits = clf(torch.randn(4, 12, device=device, dtype=dtype))
     assert logits.dtype == dtype and logits.device == coords.device
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: benchmarks/gpu.py would run for real")
+def test_gpu_benchmark_says_there_is_no_gpu(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no CUDA device" in proc.stdout and not out.exists()
