@@ -10,13 +10,25 @@ vector (``batch``: ||F - Z|| / ||F||, the measure of reference DEQ code and Torc
 and the median wall time of 5 runs to 1e-6 (capped at 100 evaluations) after a warm-up,
 with the median time of one call of f measured right before each run, so the loop's
 overhead reads as wall / (nfe x t_f) (median of the per-run ratios). Single thread, fixed seeds.
+
+The ``overhead`` section compares the solve loop of this checkout ("after") with the loop of
+an earlier commit ("before", ``--baseline``, default the commit before the leaner loop; its
+``deqlite/solvers.py`` is read with ``git show`` and loaded next to the current one) in one
+run, alternating before/after runs, on: a cheap map (tanh layer, D=64, B=8), the small conv
+DEQ (P3, 32x16x8x8) and Anderson m=20 on a cheap elementwise map at D=4096 and D=8192
+(B=64: the per-step temporaries of the old loop are 42 MB there). Times are CPU time of this
+thread (``time.thread_time``), so other processes on a shared machine inflate them less
+than wall-clock; medians over rounds. Evaluation counts must be equal before and after.
+TorchDEQ runs alongside when it is installed (``import torchdeq``; never a dependency).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +38,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deqlite import problems as P  # noqa: E402
 from deqlite import solve  # noqa: E402
+from deqlite import solvers as current_solvers  # noqa: E402
+
+BASELINE = "e19b8c4"  # main before the leaner loop (issue 14, item 3)
+ROOT = Path(__file__).resolve().parents[1]
 
 SOLVERS = {
     "picard": {},
@@ -122,17 +138,152 @@ def run(quick: bool = False) -> dict:
     return out
 
 
+def load_baseline(commit: str):
+    """The ``deqlite/solvers.py`` of ``commit`` as a separate module (None if git cannot)."""
+    try:
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:deqlite/solvers.py"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"no baseline: cannot read {commit}:deqlite/solvers.py ({e}); 'after' only", flush=True)
+        return None
+    path = ROOT / "benchmarks" / "results" / f".solvers_{commit}.py"
+    path.write_text(src)
+    try:
+        spec = importlib.util.spec_from_file_location(f"solvers_{commit}", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+    finally:
+        path.unlink()
+    return mod
+
+
+def _cpu_time(fn, repeats: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        fn()
+        ts.append(time.thread_time() - t0)
+    return statistics.median(ts)
+
+
+def _elementwise(D: int, B: int = 64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, D, generator=g)
+    return P.Problem(f"elementwise D={D}", lambda z: 0.5 * torch.tanh(z) + x, torch.zeros(B, D), None,
+                     "0.5 tanh(z) + x")
+
+
+def _torchdeq_solve(f, z0, solver: str, tol: float, max_iter: int):
+    """One TorchDEQ solve of the same problem (its solvers take (B, ...) and stop on the
+    batch residual); returns its evaluation count or raises ImportError."""
+    from torchdeq.solver import get_solver as td_get_solver  # optional, never a dependency
+
+    name = {"picard": "fixed_point_iter", "anderson": "anderson", "broyden": "broyden"}[solver]
+    z, _, info = td_get_solver(name)(f, z0, max_iter=max_iter, tol=tol, stop_mode="rel")
+    return int(info["nstep"].max()) if "nstep" in info else max_iter
+
+
+def overhead(rounds: int = 7, baseline: str = BASELINE, quick: bool = False) -> dict:
+    """Loop overhead before/after (see the module docstring)."""
+    torch.set_num_threads(1)
+    old = load_baseline(baseline)
+    loops = {"after": current_solvers.solve}
+    if old is not None:
+        loops = {"before": old.solve, "after": current_solvers.solve}
+    try:
+        import torchdeq  # noqa: F401
+        have_torchdeq = True
+    except ImportError:
+        have_torchdeq = False
+    cases = [("cheap D=64 B=8", P.tanh_layer(D=64, B=8), s, o, 1e-6, 100)
+             for s, o in (("picard", {}), ("anderson", {"m": 5}), ("broyden", {}))]
+    cases += [("conv 32x16x8x8", P.conv_groupnorm(B=32), s, o, 1e-6, 100)
+              for s, o in (("picard", {}), ("anderson", {"m": 5}), ("broyden", {}))]
+    sizes = (1024, 2048) if quick else (4096, 8192)
+    cases += [(f"elementwise D={D} B=64", _elementwise(D), "anderson", {"m": 20}, 1e-30, 30) for D in sizes]
+    rows = []
+    for name, prob, solver, opts, tol, max_iter in cases:
+        res = {k: {"ratio": [], "us_per_step": [], "seconds": [], "nfe": None} for k in loops}
+        for r in range(rounds + 1):  # round 0 warms up
+            for label, loop in loops.items():
+                with torch.no_grad():
+                    t_f = _cpu_time(lambda: prob.f(prob.z0), repeats=9)
+                box = {}
+
+                def run():
+                    box["tr"] = loop(prob.f, prob.z0, solver=solver, tol=tol, max_iter=max_iter,
+                                     on_failure="ignore", **opts)[1]
+
+                t0 = time.thread_time()
+                run()
+                sec = time.thread_time() - t0
+                tr = box["tr"]
+                if r == 0:
+                    res[label]["nfe"] = tr.nfe
+                    continue
+                assert tr.nfe == res[label]["nfe"], "a solve changed its evaluation count between runs"
+                res[label]["ratio"].append(sec / (tr.nfe * t_f))
+                res[label]["us_per_step"].append((sec - tr.nfe * t_f) / tr.n_steps * 1e6)
+                res[label]["seconds"].append(sec)
+        row = {"case": name, "solver": solver, "options": opts, "tol": tol, "max_iter": max_iter}
+        for label in loops:
+            v = res[label]
+            row[label] = {"nfe": v["nfe"], "overhead": statistics.median(v["ratio"]),
+                          "bookkeeping_us_per_step": statistics.median(v["us_per_step"]),
+                          "seconds": statistics.median(v["seconds"])}
+        if "before" in row:
+            row["same_nfe"] = row["before"]["nfe"] == row["after"]["nfe"]
+            row["bookkeeping_after_over_before"] = (row["after"]["bookkeeping_us_per_step"]
+                                                    / row["before"]["bookkeeping_us_per_step"])
+        if have_torchdeq and "elementwise" not in name:
+            try:
+                row["torchdeq_nfe"] = _torchdeq_solve(prob.f, prob.z0, solver, tol, max_iter)
+            except Exception as e:  # report, do not hide
+                row["torchdeq_error"] = repr(e)
+        rows.append(row)
+        print(f"{name:24s} {solver:9s}" + "".join(
+            f" | {lab}: nfe {row[lab]['nfe']:3d} overhead {row[lab]['overhead']:6.2f} "
+            f"bookkeeping {row[lab]['bookkeeping_us_per_step']:8.1f} us/step" for lab in loops), flush=True)
+    big = [r for r in rows if r["case"].startswith("elementwise")]
+    scaling = {lab: big[1][lab]["seconds"] / big[0][lab]["seconds"] for lab in loops} if len(big) == 2 else {}
+    targets = {}
+    for r in rows:
+        if r["case"].startswith("conv"):
+            limit = 2.0 if r["solver"] == "broyden" else 1.3
+            targets[f"conv/{r['solver']}: overhead <= {limit}"] = {"value": r["after"]["overhead"],
+                                                                   "met": r["after"]["overhead"] <= limit}
+        if r["case"].startswith("cheap") and "before" in r:
+            targets[f"cheap/{r['solver']}: bookkeeping halved"] = {
+                "value": r["bookkeeping_after_over_before"], "met": r["bookkeeping_after_over_before"] <= 0.5}
+    return {"baseline": baseline if old is not None else None, "rounds": rounds,
+            "timer": "time.thread_time (CPU time of this thread), medians", "torchdeq": have_torchdeq,
+            "rows": rows, "time_ratio_2x_D": scaling, "targets": targets}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "solvers.json"))
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
+    ap.add_argument("--overhead-only", action="store_true", help="only the before/after loop overhead")
+    ap.add_argument("--baseline", default=BASELINE, help="commit whose solve loop is 'before'")
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds of the overhead section")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    res = run(args.quick)
+    if args.overhead_only:
+        res = {"meta": {"torch": torch.__version__, "python": platform.python_version(),
+                        "machine": platform.machine(), "threads": 1, "quick": args.quick}}
+    else:
+        res = run(args.quick)
+    res["overhead"] = overhead(rounds=2 if args.quick else args.rounds, baseline=args.baseline,
+                               quick=args.quick)
     res["meta"]["total_s"] = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
-    print(f"wrote {args.out} in {res['meta']['total_s']:.0f} s; overhead targets: {res['overhead_target']}")
+    print(f"wrote {args.out} in {res['meta']['total_s']:.0f} s; overhead targets: "
+          f"{res.get('overhead_target', '-')}; leaner-loop targets: {res['overhead']['targets']}; "
+          f"time for 2x D (Anderson m=20): {res['overhead']['time_ratio_2x_D']}")
 
 
 if __name__ == "__main__":

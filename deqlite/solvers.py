@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -212,6 +213,13 @@ class Solver:
     def step(self, f: Callable[[Tensor], Tensor], z: Tensor, fz: Tensor, state: Any) -> Tuple[Tensor, Any]:
         raise NotImplementedError
 
+    def step_residual(self, f: Callable[[Tensor], Tensor], z: Tensor, fz: Tensor, g: Tensor,
+                      state: Any) -> Tuple[Tensor, Any]:
+        """:meth:`step` when the loop already holds the residual ``g = fz - z`` (B, n).
+        Solvers that need ``g`` override this to save a pass over the state; the default
+        ignores ``g`` and calls :meth:`step`."""
+        return self.step(f, z, fz, state)
+
     @classmethod
     def options(cls) -> List[str]:
         return [f.name for f in dataclasses.fields(cls)]
@@ -275,7 +283,9 @@ class Anderson(Solver):
         return {"X": None, "F": None, "G": None, "H": None, "k": 0}
 
     def step(self, f, z, fz, state):
-        g = fz - z
+        return self.step_residual(f, z, fz, fz - z, state)
+
+    def step_residual(self, f, z, fz, g, state):
         if torch.is_grad_enabled():
             # autograd runs through the iterations (``unrolled``): re-stack, never write in place
             keep = self.m - 1
@@ -289,33 +299,76 @@ class Anderson(Solver):
                 prev = H_old[:, -(h - 1):, -(h - 1):]
                 H = torch.cat([torch.cat([prev, dots[:, :-1, None]], 2), dots[:, None, :]], 1)
             state = {"X": X, "F": F, "G": G, "H": H, "k": state["k"] + 1}
+            if h == 1:  # nothing to mix yet: a (damped) plain step
+                return torch.lerp(z, fz, self.beta), state
+            alpha = self._weights(H, newest).to(z.dtype).unsqueeze(-1)  # (B, h, 1)
         else:
             # a ring buffer written in place: one (B, n) copy per step instead of re-stacking
             # the whole history (Anderson's weights do not depend on the order of the pairs)
+            # (allocated once and reused by every step; the iterates z_i are kept only when
+            # beta < 1 needs them)
             k, m = state["k"], self.m
-            if state["X"] is None:
+            if state["F"] is None:
                 B, n = z.shape
-                state["X"], state["F"], state["G"] = (z.new_empty(B, m, n) for _ in range(3))
-                state["H"] = z.new_zeros(B, m, m, dtype=torch.float64)
+                state["F"], state["G"] = z.new_empty(B, m, n), z.new_empty(B, m, n)
+                state["X"] = z.new_empty(B, m, n) if self.beta != 1.0 else None
+                state["H"] = np.zeros((B, m, m))  # float64, on the host (see _weights_host)
             newest, h = k % m, min(k + 1, m)
-            state["X"][:, newest], state["F"][:, newest], state["G"][:, newest] = z, fz, g
-            X, F, G = state["X"][:, :h], state["F"][:, :h], state["G"][:, :h]
-            # Gram matrix H_ij = <g_i, g_j>, one new row per step, as an elementwise product
-            # (tiny batched matmuls are slow on CPU); float64 so float32 states cannot make
-            # the small system singular
-            dots = (G * g.unsqueeze(1)).sum(-1).double()  # (B, h)
+            state["F"][:, newest], state["G"][:, newest] = fz, g
+            if state["X"] is not None:
+                state["X"][:, newest] = z
+            F, G = state["F"][:, :h], state["G"][:, :h]
+            X = state["X"][:, :h] if state["X"] is not None else None
+            # Gram matrix H_ij = <g_i, g_j>, one new row per step, as a row-vector product
+            # (B, 1, n) @ (B, n, h): no (B, h, n) temporary (42 MB at B=64, m=20, n=8192;
+            # this layout is also the fast one for small states on CPU); float64 so float32
+            # states cannot make the small system singular; kept on the host with the solve
+            dots = torch.bmm(g.unsqueeze(1), G.transpose(1, 2)).squeeze(1).double().cpu().numpy()  # (B, h)
             state["H"][:, newest, :h] = dots
             state["H"][:, :h, newest] = dots
             H = state["H"][:, :h, :h]
             state["k"] = k + 1
-        if h == 1:  # nothing to mix yet: a (damped) plain step
-            return torch.lerp(z, fz, self.beta), state
-        alpha = self._weights(H, newest).to(z.dtype).unsqueeze(-1)  # (B, h, 1)
+            if h == 1:  # nothing to mix yet: a (damped) plain step
+                return torch.lerp(z, fz, self.beta), state
+            alpha = torch.from_numpy(self._weights_host(H, newest)).to(device=z.device, dtype=z.dtype)
+            alpha = alpha.unsqueeze(1)  # (B, 1, h): mix as (B, 1, h) @ (B, h, n), no temporary
+            mixed_f = torch.bmm(alpha, F).squeeze(1)
+            if self.beta == 1.0:
+                return mixed_f, state
+            return torch.lerp(torch.bmm(alpha, X).squeeze(1), mixed_f, self.beta), state
         mixed_f = (alpha * F).sum(1)
         if self.beta == 1.0:
             return mixed_f, state
         mixed_z = (alpha * X).sum(1)
         return torch.lerp(mixed_z, mixed_f, self.beta), state
+
+    def _weights_host(self, H: np.ndarray, newest: int) -> np.ndarray:
+        """:meth:`_weights` for a float64 host array ``H`` (B, h, h) (no autograd): the
+        system is a few numbers per sample, so numpy's LAPACK call costs far less than the
+        dozen tiny tensor operations (kernel launches on a GPU) of the tensor version; on a
+        GPU it costs one (B, h) transfer each way."""
+        B, h, _ = H.shape
+        diag = np.diagonal(H, axis1=1, axis2=2)  # ||g_i||^2
+        if self.scale_ridge:
+            lam = self.ridge * np.maximum(diag.mean(-1, keepdims=True), np.finfo(np.float64).tiny)
+        else:
+            lam = np.full((B, 1), float(self.ridge))
+        A = H.copy()
+        r = np.arange(h)
+        A[:, r, r] = diag + lam
+        with np.errstate(all="ignore"):
+            try:
+                y = np.linalg.solve(A, np.ones((B, h, 1)))[..., 0]
+                bad = np.zeros(B, dtype=bool)
+            except np.linalg.LinAlgError:  # a singular sample (only with ridge=0): per-sample info
+                yt, info = torch.linalg.solve_ex(torch.from_numpy(A), torch.ones(B, h, dtype=torch.float64))
+                y, bad = yt.numpy(), (info != 0).numpy()
+            alpha = y / y.sum(-1, keepdims=True)
+        bad = bad | ~np.isfinite(alpha).all(-1)
+        if bad.any():  # singular (only possible with ridge=0): take the newest pair
+            alpha[bad] = 0.0
+            alpha[bad, newest] = 1.0
+        return alpha
 
     def _weights(self, H: Tensor, newest: int) -> Tensor:
         """``alpha`` (B, h), summing to one, minimising ``||sum_i alpha_i g_i||^2`` + ridge."""
@@ -383,7 +436,11 @@ class Broyden(Solver):
         return -x + torch.bmm(torch.bmm(x.unsqueeze(1), U.transpose(1, 2)), V).squeeze(1)
 
     def step(self, f, z, fz, state):
-        g = fz - z
+        return self.step_residual(f, z, fz, fz - z, state)
+
+    def step_residual(self, f, z, fz, g, state):
+        if not torch.is_grad_enabled():
+            return self._step_buffered(z, g, state)
         U, V = state["U"], state["V"]
         if state["z"] is not None:
             dz = z - state["z"]
@@ -397,6 +454,34 @@ class Broyden(Solver):
             U = torch.cat([U, u.unsqueeze(1)], 1)[:, -self.m:]
             V = torch.cat([V, vT.unsqueeze(1)], 1)[:, -self.m:]
         state = {"U": U, "V": V, "z": z, "g": g}
+        return z - self.alpha * self._apply(U, V, g), state
+
+    def _step_buffered(self, z, g, state):
+        """The same update without autograd: the ``m`` pairs live in buffers allocated
+        once and written in place (a ring once full: ``H`` is a sum, so the order of the
+        pairs does not matter), instead of a concatenation that copies the whole memory
+        every step."""
+        if "Ub" not in state:
+            B, n = z.shape
+            state["Ub"], state["Vb"] = z.new_empty(B, self.m, n), z.new_empty(B, self.m, n)
+            state["count"] = 0
+        h = min(state["count"], self.m)
+        U, V = state["Ub"][:, :h], state["Vb"][:, :h]
+        if state["z"] is not None:
+            dz = z - state["z"]
+            dg = g - state["g"]
+            vT = self._apply_t(U, V, dz)  # dz^T H, (B, n)
+            denom = _bdot(vT, dg)  # dz^T H dg, (B,)
+            u = dz - self._apply(U, V, dg)
+            ok = denom.abs() > 1e-30 * (dz.norm(dim=-1) * dg.norm(dim=-1)).clamp_min(1e-300)
+            safe = torch.where(ok, denom, torch.ones_like(denom))
+            u = torch.where(ok[:, None], u / safe[:, None], torch.zeros_like(u))
+            slot = state["count"] % self.m
+            state["Ub"][:, slot], state["Vb"][:, slot] = u, vT
+            state["count"] += 1
+            h = min(state["count"], self.m)
+            U, V = state["Ub"][:, :h], state["Vb"][:, :h]
+        state["z"], state["g"] = z, g
         return z - self.alpha * self._apply(U, V, g), state
 
 
@@ -441,6 +526,10 @@ class Newton(Solver):
         A = J - eye
         finite = torch.isfinite(A).flatten(1).all(1)  # (B,)
         A = torch.where(finite[:, None, None], A, -eye)  # a broken Jacobian -> a plain step
+        if A.dtype not in (torch.float32, torch.float64):
+            # torch.linalg has no half-precision LU ("lu_cpu" not implemented for 'BFloat16'):
+            # solve the n x n system in float32, keep the state in its own dtype
+            A, g = A.float(), g.float()
         dz, info = torch.linalg.solve_ex(A, -g)
         ok = finite & (info == 0) & torch.isfinite(dz).flatten(1).all(1)
         # singular (J - I): fall back to the plain step f(z) - z for that sample
@@ -493,6 +582,11 @@ def get_solver(solver: Union[str, Solver], **options: Any) -> Solver:
     return cls(**options)
 
 
+def _to_device(a: np.ndarray, like: Tensor) -> Tensor:
+    """A host array of residuals as a tensor with ``like``'s dtype and device."""
+    return torch.from_numpy(a).to(device=like.device, dtype=like.dtype)
+
+
 def _check_state(z0: Any) -> None:
     if not isinstance(z0, Tensor):
         raise TypeError(f"z0 must be a torch.Tensor of shape (B, ...), got {type(z0).__name__}")
@@ -529,7 +623,10 @@ def solve(
 
     Args:
         f: the map, ``(B, ...) -> (B, ...)`` (same shape). Samples should not interact.
-        z0: starting point, ``(B, ...)`` with any trailing shape; float32 or float64.
+        z0: starting point, ``(B, ...)`` with any trailing shape, on any device; float32,
+            float64, or half precision (bfloat16 / float16: Anderson's weights and Newton's
+            linear solve are computed in float64 / float32 and cast back). The state keeps
+            ``z0``'s dtype and device; under ``torch.autocast``, ``f(z)`` is cast to it.
         solver: a registered name (``available_solvers()``) or a :class:`Solver` object.
         tol: stop when every sample's residual (``stop="rel"`` or ``"abs"``) is ``<= tol``.
         max_iter: the maximum number of steps (= function evaluations, except Newton).
@@ -578,16 +675,33 @@ def solve(
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         z = z0.detach().reshape(B, -1).clone()
         state = slv.init(z)
-        tiny = torch.finfo(z.dtype).tiny
+        dev = z.device
+        # The per-sample bookkeeping (best-so-far, divergence, stopping, the trace rows) runs
+        # on the host in numpy: one (2, B) transfer per step instead of a dozen tiny tensor
+        # operations (each a kernel launch on a GPU) and three host syncs. Values and
+        # comparisons are those of the state's dtype (half precision is held as float32).
+        np_dtype = np.float64 if z.dtype == torch.float64 else (
+            np.float16 if z.dtype == torch.float16 else np.float32)
+        tiny = np_dtype(torch.finfo(z.dtype).tiny)
+        tol_np = np_dtype(tol) if z.dtype != torch.bfloat16 else np.float32(torch.tensor(tol, dtype=z.dtype).item())
+        norm_buf = torch.empty(2, B, dtype=z.dtype, device=dev)
+        if dev.type == "cpu" and z.dtype in (torch.float32, torch.float64, torch.float16):
+            norm_host, norm_np = None, norm_buf.numpy()
+        else:
+            norm_host = torch.empty(2, B, dtype=torch.float32 if np_dtype is np.float32 else z.dtype,
+                                    pin_memory=dev.type == "cuda")
+            norm_np = norm_host.numpy()
         best_z = z
-        best_res = torch.full((B,), math.inf, dtype=z.dtype, device=z.device)
-        best_step = torch.full((B,), -1, dtype=torch.long, device=z.device)
-        diverged = torch.zeros(B, dtype=torch.bool, device=z.device)
+        best_res = np.full(B, np.inf, dtype=np_dtype)
+        best_step = np.full(B, -1, dtype=np.int64)
+        diverged = np.zeros(B, dtype=bool)
         any_diverged = False
-        abs_rows: List[Tensor] = []
-        rel_rows: List[Tensor] = []
+        abs_rows: List[np.ndarray] = []
+        rel_rows: List[np.ndarray] = []
         iterates: Optional[List[Tensor]] = [] if return_iterates else None
         nfe = 0
+        autocast = False
+        rel = stop == "rel"
         for k in range(max_iter):
             fz = f(z.view(shape))
             nfe += 1
@@ -597,70 +711,90 @@ def solve(
                     raise ValueError(
                         f"f must return the shape of its input: z has shape {tuple(shape)}, "
                         f"f(z) has shape {got}")
-                if fz.dtype != z.dtype:
-                    raise TypeError(f"f changed the dtype: z is {z.dtype}, f(z) is {fz.dtype}")
+                autocast = fz.dtype != z.dtype and torch.is_autocast_enabled(z.device.type)
+                if fz.dtype != z.dtype and not autocast:
+                    raise TypeError(f"f changed the dtype: z is {z.dtype}, f(z) is {fz.dtype}; "
+                                    f"start from z0.to({fz.dtype}) or make f keep its input's dtype")
+            if autocast:  # under torch.autocast f may return another precision: the state keeps z0's
+                fz = fz.to(z.dtype)
             fz = fz.reshape(B, -1)
-            f_norm = torch.linalg.vector_norm(fz, dim=1)  # (B,)
+            g = fz - z  # the residual g(z), (B, n): also handed to the solver's step
+            # both norms land in one buffer, allocated once; on a CPU in float32/64 its numpy
+            # view shares the memory, elsewhere one (2, B) copy to the host per step
+            gd, fd = (g.detach(), fz.detach()) if g.requires_grad else (g, fz)
+            torch.linalg.vector_norm(gd, dim=1, out=norm_buf[0])
+            torch.linalg.vector_norm(fd, dim=1, out=norm_buf[1])
+            if norm_host is not None:
+                norm_host.copy_(norm_buf)
+            norms = norm_np  # (2, B): ||g||, ||f(z)||
+            f_norm = norms[1]
             # an overflowing ||f(z)|| (inf, with finite entries) would make the relative
-            # residual 0 and a runaway sample look converged: `+ 0 * f_norm` turns every
-            # non-finite norm into NaN in both residuals, so the sample counts as diverged
-            poison = f_norm * 0.0  # 0 where ||f(z)|| is finite, NaN where it is inf or NaN
-            res_abs = torch.linalg.vector_norm(fz - z, dim=1) + poison  # (B,)
-            res_rel = res_abs / f_norm.clamp_min(tiny)
-            res = res_rel if stop == "rel" else res_abs
+            # residual 0 and a runaway sample look converged: every non-finite ||f(z)|| makes
+            # both residuals NaN, so the sample counts as diverged
+            res_abs = np.where(np.isfinite(f_norm), norms[0], np_dtype(np.nan))
+            res_rel = res_abs / np.maximum(f_norm, tiny)
             # z is finite (checked last step), so a non-finite entry of f(z), or a norm
             # that overflows, makes both residuals non-finite: no extra pass over the state
             if any_diverged:  # frozen samples: record a gap, not a repeated residual
-                res_abs = res_abs.masked_fill(diverged, math.nan)
-                res_rel = res_rel.masked_fill(diverged, math.nan)
-                res = res_rel if stop == "rel" else res_abs
+                res_abs = np.where(diverged, np_dtype(np.nan), res_abs)
+                res_rel = np.where(diverged, np_dtype(np.nan), res_rel)
+            res = res_rel if rel else res_abs
             abs_rows.append(res_abs)
             rel_rows.append(res_rel)
             if iterates is not None:
                 iterates.append(z.view(shape).clone())
             better = res < best_res  # False for nan: non-finite iterates are never "best"
-            if bool(better.all()):  # the common case: no copy, z is never modified in place
+            all_better = bool(better.all())
+            if all_better:  # the common case: no copy, z is never modified in place
                 best_z, best_res = z, res
-                best_step.fill_(k)
+                best_step.fill(k)
             else:
-                best_z = torch.where(better[:, None], z, best_z)
-                best_res = torch.where(better, res, best_res)
-                best_step.masked_fill_(better, k)
+                best_z = torch.where(torch.from_numpy(better).to(dev)[:, None], z, best_z)
+                best_res = np.where(better, res, best_res)
+                best_step[better] = k
             if callback is not None:
-                callback(StepInfo(k, z.view(shape), fz.view(shape), res_abs, res_rel, nfe))
-            finite = torch.isfinite(res)
-            if not bool(finite.all()):
-                new_div = ~finite & ~diverged
-                if bool(new_div.any()):
+                callback(StepInfo(k, z.view(shape), fz.view(shape), _to_device(res_abs, z),
+                                  _to_device(res_rel, z), nfe))
+            if not all_better:  # every residual improved: all finite, nothing diverged
+                new_div = ~np.isfinite(res) & ~diverged
+                if new_div.any():
                     # a sample produced inf/nan: freeze it at its best finite iterate and let
                     # the others go on (samples never mix, so its NaNs cannot reach them)
                     diverged = diverged | new_div
                     any_diverged = True
-            done = best_res <= tol
-            if any_diverged:
-                done = done | diverged
-            if k == max_iter - 1 or bool(done.all()):
+            if all_better:  # best_res is res, all finite
+                stop_now = bool(res.max() <= tol_np)
+            else:
+                stop_now = bool(((best_res <= tol_np) | diverged).all())
+            if k == max_iter - 1 or stop_now:
                 break
-            z_next, state = slv.step(f_flat, z, fz, state)
-            z = torch.where(diverged[:, None], best_z, z_next) if any_diverged else z_next
+            z_next, state = slv.step_residual(f_flat, z, fz, g, state)
+            if any_diverged:
+                z_next = torch.where(torch.from_numpy(diverged).to(dev)[:, None], best_z, z_next)
+            z = z_next
         wall = time.perf_counter() - t0
 
-    converged = best_res <= tol
-    if bool(diverged.any()):
+    converged = best_res <= tol_np
+    if diverged.any():
         status = "diverged"
-    elif bool(converged.all()):
+    elif converged.all():
         status = "converged"
     else:
         status = "max_iter"
     extra: Dict[str, Any] = {}
     if isinstance(state, dict) and "jacobian_evals" in state:
         extra["jacobian_evals"] = state["jacobian_evals"]
+    abs_rows = _to_device(np.stack(abs_rows), z)  # type: ignore[assignment]
+    rel_rows = _to_device(np.stack(rel_rows), z)  # type: ignore[assignment]
+    converged = torch.from_numpy(converged).to(dev)
+    best_step = torch.from_numpy(best_step).to(dev)
+    diverged = torch.from_numpy(diverged).to(dev)
     trace = SolverTrace(
-        abs_residual=torch.stack(abs_rows), rel_residual=torch.stack(rel_rows), nfe=nfe,
+        abs_residual=abs_rows, rel_residual=rel_rows, nfe=nfe,
         converged=converged, status=status, solver=getattr(slv, "name", type(slv).__name__),
         stop=stop, tol=float(tol), wall_time=wall, best_step=best_step, diverged=diverged,
         iterates=iterates, extra=extra)
-    if status != "converged":
+    if status != "converged" and on_failure != "ignore":
         msg = (f"solve did not converge: {trace.summary()}. Call deqlite.diagnose(f, z0, trace) "
                f"for an explanation.")
         if on_failure == "raise":

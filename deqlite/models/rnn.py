@@ -63,7 +63,7 @@ class SineRNN(nn.Module):
         if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
             raise ValueError(f"n_iter must be a positive int, got {n_iter!r}")
         u = self.inp(x)  # (B, H): the constant input drive
-        h = torch.zeros(x.shape[0], self.hidden, dtype=u.dtype)
+        h = torch.zeros(x.shape[0], self.hidden, dtype=u.dtype, device=u.device)
         self.rec.reset()
         states = [h]
         for _ in range(n_iter):
