@@ -23,7 +23,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
-from deqlite._book.chapters import (INSTALL_CELL_TAGS, PARAMETERS_TAG, chapters,  # noqa: E402
+from deqlite_book.chapters import (INSTALL_CELL_TAGS, PARAMETERS_TAG, chapters,  # noqa: E402
                                     install_cell_source)
 
 CHAPTER_BUDGET_S = 60.0

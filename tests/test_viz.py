@@ -1,4 +1,4 @@
-"""deqlite.viz (figures, explorer, template) and the book machinery in deqlite._book."""
+"""deqlite.viz (figures, explorer, template) and the book machinery in deqlite_book."""
 
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def test_glue_converts_scalars():
 def test_plotly_mime_renderer_emits_html_without_plotlyjs():
     import plotly.graph_objects as go
 
-    from deqlite._book.plotly_mime import PLOTLY_MIME, PlotlyMimeRenderer
+    from deqlite_book.plotly_mime import PLOTLY_MIME, PlotlyMimeRenderer
 
     class Data:
         mime_type = PLOTLY_MIME
@@ -163,7 +163,7 @@ def test_plotly_mime_renderer_emits_html_without_plotlyjs():
 
 
 def test_api_page_lists_public_modules():
-    from deqlite._book.sphinxext import public_modules
+    from deqlite_book.sphinxext import public_modules
 
     mods = public_modules("deqlite")
     assert "deqlite.solvers" in mods and "deqlite.viz" in mods
@@ -174,4 +174,4 @@ def test_mime_renderer_entry_point_registered():
     from importlib.metadata import entry_points
 
     names = {ep.value for ep in entry_points(group="myst_nb.mime_renderers")}
-    assert "deqlite._book.plotly_mime:PlotlyMimeRenderer" in names, "pip install -e . registers it"
+    assert "deqlite_book.plotly_mime:PlotlyMimeRenderer" in names, "pip install -e ./book-tools (make setup) registers it"

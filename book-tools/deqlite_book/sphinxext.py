@@ -4,7 +4,7 @@ It makes the build work with no network and no CDN in the HTML:
 
 - copies ``plotly.min.js`` from the installed ``plotly`` package into ``_static/deqlite/``
   and adds it to every page that contains a plotly figure (figures are rendered by
-  :mod:`deqlite._book.plotly_mime`);
+  :mod:`deqlite_book.plotly_mime`);
 - serves MathJax 3 and require.js from files vendored in this package
   (``static/deqlite/vendor``, see VENDOR.md) instead of their CDNs;
 - adds the ``deqlite-api`` directive, which documents every public module of ``deqlite``
