@@ -57,6 +57,12 @@ def _plotly_static_dir(app: Sphinx) -> Path:
 
 def _config_inited(app: Sphinx, config: Config) -> None:
     config.html_static_path = [*config.html_static_path, str(STATIC), str(_plotly_static_dir(app))]
+    # html.baseurl follows repository.url (GitHub Pages address) unless _config.yml sets it
+    repository = (getattr(config, "html_theme_options", None) or {}).get("repository_url", "")
+    if not getattr(config, "html_baseurl", "") and repository:
+        from .chapters import pages_url
+
+        config.html_baseurl = pages_url(repository)
     if not config.mathjax_path or _is_remote(config.mathjax_path):
         config.mathjax_path = MATHJAX_JS
     # myst-nb loads these on pages with embedded widget state; keep them local. The

@@ -80,6 +80,7 @@ class Explorer:
     fixed_axes: bool = True
     _cache: dict = field(default_factory=dict, init=False, repr=False)
     live_figure: Any = field(default=None, init=False, repr=False)
+    live_widget: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.grid:
@@ -225,13 +226,59 @@ class Explorer:
         box = widgets.VBox([*sliders.values(), status, fw])
         box.sliders = sliders  # for tests and for readers who want to drive it from code
         box.figure = fw
+        self.live_widget = box
         return box
 
     def show(self, live: bool | None = None) -> Any:
-        """The live widget when ``live`` (default: :func:`want_live`), else the static figure."""
+        """The live widget when ``live`` (default: :func:`want_live`), else the static figure.
+
+        The live front end is displayed as a :class:`LiveFigure`: where the front end
+        renders widgets (Jupyter, Colab with its widget manager) the sliders appear; where it
+        cannot (a notebook viewer, a front end without widget support) the static figure
+        appears instead, with a one-line note. When ipywidgets or anywidget is missing in
+        the kernel, the static figure is returned and the note printed.
+        """
         if live is None:
             live = want_live()
-        return self.widget() if live else self.figure()
+        if not live:
+            return self.figure()
+        try:
+            box = self.widget()
+        except ImportError as exc:  # no ipywidgets / anywidget in this kernel
+            print(f"{FALLBACK_NOTE} ({exc.name or exc} is not installed)")
+            return self.figure()
+        return LiveFigure(box, self.figure)
+
+
+FALLBACK_NOTE = "Static figure: live sliders need Jupyter widgets, which this front end cannot display."
+
+
+class LiveFigure:
+    """A live explorer widget that carries its static figure as the fallback representation.
+
+    Its mime bundle holds the widget view (shown wherever widgets render) and, as
+    ``text/html``, the static figure with every slider step baked in plus a one-line note
+    (shown by front ends that cannot render widgets). ``.widget``, ``.sliders`` and
+    ``.figure`` give the live parts.
+    """
+
+    def __init__(self, widget: Any, static: Callable[[], go.Figure]) -> None:
+        self.widget = widget
+        self.sliders = widget.sliders
+        self.figure = widget.figure
+        self._static = static
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        import plotly.io as pio
+
+        html = pio.to_html(self._static(), include_plotlyjs="cdn", full_html=False)
+        model_id = getattr(self.widget, "model_id", None) or self.widget._model_id
+        return {
+            "text/plain": f"{FALLBACK_NOTE}\n{self.widget!r}",
+            "text/html": f"<p><i>{FALLBACK_NOTE}</i></p>{html}",
+            "application/vnd.jupyter.widget-view+json": {"version_major": 2, "version_minor": 0,
+                                                          "model_id": model_id},
+        }
 
 
 def explore(
