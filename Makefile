@@ -59,7 +59,7 @@ test: setup
 	if [ $$build -ne 0 ] || [ $$tests -ne 0 ]; then exit 1; fi
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not book and not browser" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not book and not browser and not colab" $(PYTEST_ARGS)
 
 # The library's wheel + sdist (python -m build) and a metadata check (twine check --strict).
 dist: setup

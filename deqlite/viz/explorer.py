@@ -34,6 +34,24 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with every NaN/inf replaced by None (a gap in plotly).
+
+    A live FigureWidget sends its data to the front end as JSON, which has no NaN: without
+    this, jupyter_client prints "Out of range float values are not JSON compliant" above the
+    widget (the delta chapter's heatmap marks iterations that never ran with NaN).
+    """
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f" and not np.isfinite(value).all():
+        return np.where(np.isfinite(value), value, None).tolist()
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        return None
+    return value
+
+
 def want_live() -> bool:
     """Whether :meth:`Explorer.show` should return the live widget.
 
@@ -196,7 +214,8 @@ class Explorer:
         grid = self.live_grid or self.grid
         params = {name: (self.initial[name] if self.initial[name] in list(grid[name]) else list(grid[name])[0])
                   for name in self.grid}
-        fw = go.FigureWidget(self.figure_for(**params))
+        first = self.figure_for(**params)
+        fw = go.FigureWidget(data=[_json_safe(tr.to_plotly_json()) for tr in first.data], layout=first.layout)
         self.live_figure = fw
         sliders = {
             name: widgets.SelectionSlider(
@@ -214,10 +233,10 @@ class Explorer:
             with fw.batch_update():
                 if len(fig.data) == len(fw.data) and all(a.type == b.type for a, b in zip(fig.data, fw.data)):
                     for old, tr in zip(fw.data, fig.data):
-                        old.update(tr.to_plotly_json(), overwrite=True)
+                        old.update(_json_safe(tr.to_plotly_json()), overwrite=True)
                 else:
                     fw.data = []
-                    fw.add_traces(list(fig.data))
+                    fw.add_traces([_json_safe(tr.to_plotly_json()) for tr in fig.data])
                 fw.layout.title = fig.layout.title
             status.value = ""
 
