@@ -15,20 +15,23 @@ STAMP      := $(VENV)/.deqlite-setup-stamp
 BUILD_CMD  := $(BIN)/jupyter-book build --all -W -n --keep-going .
 PYTEST_ARGS ?=
 
-.PHONY: help setup book test test-fast build clean clean-cache sync-chapters
+.PHONY: help setup book test test-fast build dist clean clean-cache sync-chapters
 
 help:
 	@echo "make book   - set up .venv and build the book (open _build/html/index.html)"
 	@echo "make test   - set up .venv, build the book and run every test"
 	@echo "make test-fast - unit tests only (no book, no browser)"
 	@echo "make sync-chapters - pair .md/.ipynb chapters and refresh their install cell"
+	@echo "make dist   - build the library's wheel and sdist into dist/ and check their metadata"
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The book machinery is its own distribution (book-tools/, deqlite-book): `pip install deqlite`
+# installs the library alone, the book's environment gets both.
+$(STAMP): pyproject.toml book-tools/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -e ".[$(EXTRAS)]" -e ./book-tools
 	@touch $(STAMP)
 
 # jupyter-cache keys a chapter on its own code only: when deqlite's source changes, drop
@@ -56,13 +59,20 @@ test: setup
 	if [ $$build -ne 0 ] || [ $$tests -ne 0 ]; then exit 1; fi
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not book and not browser" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not book and not browser and not colab" $(PYTEST_ARGS)
+
+# The library's wheel + sdist (python -m build) and a metadata check (twine check --strict).
+dist: setup
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/python -m twine check --strict dist/*
+	@ls -l dist
 
 sync-chapters: setup
 	$(BIN)/python scripts/sync_chapters.py
 
 clean:
-	rm -rf _build test-artifacts
+	rm -rf _build test-artifacts dist
 
 clean-cache:
 	rm -rf _build/.jupyter_cache

@@ -4,7 +4,10 @@
 For each notebook chapter (a MyST .md with a kernelspec):
   1. set its first code cell to the install cell built from repository.url in _config.yml
      (tagged remove-cell), inserting it when missing;
-  2. pair it with jupytext (formats md:myst,ipynb) and write the .ipynb WITHOUT outputs.
+  2. pair it with jupytext (formats md:myst,ipynb) and write the .ipynb WITHOUT outputs,
+     its markdown rewritten for readers outside the book (no raw MyST roles: citations,
+     cross-references and glued numbers become links into the online book; see
+     deqlite_book.chapters.ReaderMarkdown). This script is the one place that writes both.
 
 Usage:  python scripts/sync_chapters.py [book/foo.md ...]   (default: every chapter in _toc.yml)
         python scripts/sync_chapters.py --check               (exit 1 if anything would change)
@@ -19,9 +22,10 @@ import jupytext
 import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "book-tools")]
 
-from deqlite._book.chapters import INSTALL_CELL_TAGS, chapters, install_cell_source  # noqa: E402
+from deqlite_book.chapters import (INSTALL_CELL_MARKER, INSTALL_CELL_TAGS, chapters,  # noqa: E402
+                                   install_cell_source, reader_notebook)
 
 
 def synced(md: Path) -> tuple[nbformat.NotebookNode, str, str]:
@@ -29,7 +33,7 @@ def synced(md: Path) -> tuple[nbformat.NotebookNode, str, str]:
     nb.metadata.setdefault("jupytext", {})["formats"] = "md:myst,ipynb"
     source = install_cell_source(ROOT)
     code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
-    if code and "importlib.util.find_spec(\"deqlite\")" in nb.cells[code[0]].source:
+    if code and INSTALL_CELL_MARKER in nb.cells[code[0]].source:
         cell = nb.cells[code[0]]
         cell.source = source
     else:
@@ -38,10 +42,13 @@ def synced(md: Path) -> tuple[nbformat.NotebookNode, str, str]:
     cell.metadata["tags"] = list(dict.fromkeys([*cell.metadata.get("tags", []), *INSTALL_CELL_TAGS]))
     md_text = jupytext.writes(nb, fmt="md:myst")
     paired = md.with_suffix(".ipynb")
+    nb = reader_notebook(nb, md.stem, ROOT)
     if paired.exists():  # keep the cell ids of the committed .ipynb (stable diffs)
-        from jupytext.combine import combine_inputs_with_outputs
-
-        nb = combine_inputs_with_outputs(nb, jupytext.read(paired), fmt="md:myst")
+        old = jupytext.read(paired)
+        if [c.cell_type for c in old.cells] == [c.cell_type for c in nb.cells]:
+            for new_cell, old_cell in zip(nb.cells, old.cells):
+                if "id" in old_cell:
+                    new_cell["id"] = old_cell["id"]
     for c in nb.cells:  # committed notebooks carry no outputs
         if c.cell_type == "code":
             c.outputs, c.execution_count = [], None

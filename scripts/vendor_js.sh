@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Refresh the vendored MathJax and require.js (see deqlite/_book/static/deqlite/vendor/VENDOR.md).
+# Refresh the vendored MathJax and require.js (see book-tools/deqlite_book/static/deqlite/vendor/VENDOR.md).
 set -euo pipefail
 MATHJAX=${MATHJAX:-mathjax@3.2.2}
 REQUIREJS=${REQUIREJS:-requirejs@2.3.7}
 here=$(cd "$(dirname "$0")/.." && pwd)
-dest="$here/deqlite/_book/static/deqlite/vendor"
+dest="$here/book-tools/deqlite_book/static/deqlite/vendor"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 cd "$tmp"
 npm pack "$MATHJAX" "$REQUIREJS" >/dev/null

@@ -23,9 +23,9 @@ import pytest
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT))
-from deqlite._book.chapters import (INSTALL_CELL_TAGS, PARAMETERS_TAG, chapters,  # noqa: E402
-                                    install_cell_source)
+sys.path[:0] = [str(ROOT), str(ROOT / "book-tools")]
+from deqlite_book.chapters import (INSTALL_CELL_TAGS, PARAMETERS_TAG, ROLE, chapters,  # noqa: E402
+                                   colab_url, install_cell_source, reader_notebook)
 
 CHAPTER_BUDGET_S = 60.0
 BOOK_BUDGET_S = 300.0
@@ -91,13 +91,43 @@ def test_pair_in_sync(md: Path):
     text_nb, ipynb_nb = _read(md), _read(ipynb)
     formats = text_nb.metadata.get("jupytext", {}).get("formats", "")
     assert set(formats.split(",")) == {"md:myst", "ipynb"}, f"jupytext formats are {formats!r}: {fix}"
-    a, b = _cells(text_nb), _cells(ipynb_nb)
+    # the .ipynb's markdown is the .md's, rewritten for readers outside the book (sync_chapters.py)
+    a, b = _cells(reader_notebook(text_nb, md.stem, ROOT)), _cells(ipynb_nb)
     for i, (x, y) in enumerate(zip(a, b)):
         assert x == y, f"cell {i} differs between {md.name} and {ipynb.name}: {fix}\n.md:    {x}\n.ipynb: {y}"
     assert len(a) == len(b), f"{md.name} has {len(a)} cells, {ipynb.name} {len(b)}: {fix}"
     with_outputs = [i for i, c in enumerate(ipynb_nb.cells)
                     if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count"))]
     assert not with_outputs, f"{ipynb.name} is committed with outputs in cells {with_outputs}: {fix}"
+
+
+def test_notebooks_have_no_raw_myst():
+    """A reader opening any book/*.ipynb (Colab, Jupyter) sees no raw MyST role or directive."""
+    import nbformat
+
+    found = []
+    for ipynb in sorted((ROOT / "book").glob("*.ipynb")):
+        for i, cell in enumerate(nbformat.read(ipynb, as_version=4).cells):
+            if cell.cell_type != "markdown":
+                continue
+            hits = [m.group(0) for m in ROLE.finditer(cell.source)]
+            hits += re.findall(r"^(?:`{3,}|:{3,})\{[\w:-]+\}.*$|^\([\w-]+\)=\s*$", cell.source, re.M)
+            found += [f"{ipynb.name} cell {i}: {h[:60]}" for h in hits]
+    assert not found, f"raw MyST in notebook markdown (run `make sync-chapters`): {found[:10]}"
+
+
+@pytest.mark.parametrize("md", CHAPTERS, ids=IDS)
+def test_colab_link_points_at_a_committed_notebook(md: Path):
+    """The launch button's Colab link (and ours) names a .ipynb that git tracks at that path."""
+    url = colab_url(md, ROOT)
+    branch_path = url.split("/blob/", 1)[1]
+    rel = branch_path.split("/", 1)[1]
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", rel], cwd=ROOT, capture_output=True)
+    assert tracked.returncode == 0 and (ROOT / rel).is_file(), f"{url}: {rel} is not a committed file"
+    html = ROOT / "_build" / "html" / md.relative_to(ROOT).with_suffix(".html")
+    if html.is_file():  # the built page's launch button says the same
+        links = set(re.findall(r'https://colab\.research\.google\.com/github/[^"\'\s<>]+', html.read_text(encoding="utf-8")))
+        assert links == {url}, f"{html.name}: Colab links {links}, expected {url}"
 
 
 @pytest.mark.parametrize("md", CHAPTERS, ids=IDS)

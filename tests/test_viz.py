@@ -1,4 +1,4 @@
-"""deqlite.viz (figures, explorer, template) and the book machinery in deqlite._book."""
+"""deqlite.viz (figures, explorer, template) and the book machinery in deqlite_book."""
 
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def test_glue_converts_scalars():
 def test_plotly_mime_renderer_emits_html_without_plotlyjs():
     import plotly.graph_objects as go
 
-    from deqlite._book.plotly_mime import PLOTLY_MIME, PlotlyMimeRenderer
+    from deqlite_book.plotly_mime import PLOTLY_MIME, PlotlyMimeRenderer
 
     class Data:
         mime_type = PLOTLY_MIME
@@ -163,7 +163,7 @@ def test_plotly_mime_renderer_emits_html_without_plotlyjs():
 
 
 def test_api_page_lists_public_modules():
-    from deqlite._book.sphinxext import public_modules
+    from deqlite_book.sphinxext import public_modules
 
     mods = public_modules("deqlite")
     assert "deqlite.solvers" in mods and "deqlite.viz" in mods
@@ -174,7 +174,53 @@ def test_mime_renderer_entry_point_registered():
     from importlib.metadata import entry_points
 
     names = {ep.value for ep in entry_points(group="myst_nb.mime_renderers")}
-    assert "deqlite._book.plotly_mime:PlotlyMimeRenderer" in names, "pip install -e . registers it"
+    assert "deqlite_book.plotly_mime:PlotlyMimeRenderer" in names, "pip install -e ./book-tools (make setup) registers it"
+
+
+def test_live_widget_sends_no_nan():
+    """NaN cannot travel in a widget's JSON message (it printed a warning above the delta explorer)."""
+    pytest.importorskip("ipywidgets")
+    pytest.importorskip("anywidget")
+    import json
+
+    import plotly.graph_objects as go
+
+    import deqlite.viz as viz
+
+    def render(k):
+        z = np.full((3, 4), np.nan)
+        z[:k] = 0.5
+        return go.Figure(go.Heatmap(z=z))
+
+    box = viz.Explorer(lambda k: k, {"k": [1, 2]}, render).widget()
+    for k in (1, 2):
+        box.sliders["k"].value = k
+        z = box.figure.data[0].z
+        json.dumps(z, allow_nan=False)  # raises ValueError on NaN
+        assert z[0][0] == 0.5 and z[-1][-1] is None, "NaN becomes a gap (None), finite values stay"
+
+
+def test_show_live_falls_back_to_static(monkeypatch, capsys):
+    pytest.importorskip("ipywidgets")
+    pytest.importorskip("anywidget")
+    import sys
+
+    import plotly.graph_objects as go
+
+    import deqlite.viz as viz
+    from deqlite.viz.explorer import FALLBACK_NOTE, LiveFigure
+
+    ex = viz.Explorer(lambda s: s, {"s": [1.0, 2.0]}, lambda s: go.Figure(go.Scatter(y=[0, s])))
+    live = ex.show(live=True)
+    assert isinstance(live, LiveFigure)
+    bundle = live._repr_mimebundle_()
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == live.widget.model_id
+    assert FALLBACK_NOTE in bundle["text/html"] and "plotly-graph-div" in bundle["text/html"], \
+        "front ends without widgets show the static figure with a one-line note"
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # a kernel without ipywidgets
+    static = ex.show(live=True)
+    assert isinstance(static, go.Figure) and len(static.layout.sliders[0].steps) == 2
+    assert FALLBACK_NOTE in capsys.readouterr().out
 
 
 def test_explorer_subplot_titles_follow_the_slider():

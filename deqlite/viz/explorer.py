@@ -35,6 +35,24 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with every NaN/inf replaced by None (a gap in plotly).
+
+    A live FigureWidget sends its data to the front end as JSON, which has no NaN: without
+    this, jupyter_client prints "Out of range float values are not JSON compliant" above the
+    widget (the delta chapter's heatmap marks iterations that never ran with NaN).
+    """
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f" and not np.isfinite(value).all():
+        return np.where(np.isfinite(value), value, None).tolist()
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        return None
+    return value
+
+
 def want_live() -> bool:
     """Whether :meth:`Explorer.show` should return the live widget.
 
@@ -81,6 +99,7 @@ class Explorer:
     fixed_axes: bool = True
     _cache: dict = field(default_factory=dict, init=False, repr=False)
     live_figure: Any = field(default=None, init=False, repr=False)
+    live_widget: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.grid:
@@ -232,7 +251,8 @@ class Explorer:
         grid = self.live_grid or self.grid
         params = {name: (self.initial[name] if self.initial[name] in list(grid[name]) else list(grid[name])[0])
                   for name in self.grid}
-        fw = go.FigureWidget(self.figure_for(**params))
+        first = self.figure_for(**params)
+        fw = go.FigureWidget(data=[_json_safe(tr.to_plotly_json()) for tr in first.data], layout=first.layout)
         self.live_figure = fw
         sliders = {
             name: widgets.SelectionSlider(
@@ -250,10 +270,10 @@ class Explorer:
             with fw.batch_update():
                 if len(fig.data) == len(fw.data) and all(a.type == b.type for a, b in zip(fig.data, fw.data)):
                     for old, tr in zip(fw.data, fig.data):
-                        old.update(tr.to_plotly_json(), overwrite=True)
+                        old.update(_json_safe(tr.to_plotly_json()), overwrite=True)
                 else:
                     fw.data = []
-                    fw.add_traces(list(fig.data))
+                    fw.add_traces([_json_safe(tr.to_plotly_json()) for tr in fig.data])
                 fw.layout.title = fig.layout.title
                 fw.layout.annotations = fig.layout.annotations  # subplot titles carry numbers too
             status.value = ""
@@ -263,13 +283,59 @@ class Explorer:
         box = widgets.VBox([*sliders.values(), status, fw])
         box.sliders = sliders  # for tests and for readers who want to drive it from code
         box.figure = fw
+        self.live_widget = box
         return box
 
     def show(self, live: bool | None = None) -> Any:
-        """The live widget when ``live`` (default: :func:`want_live`), else the static figure."""
+        """The live widget when ``live`` (default: :func:`want_live`), else the static figure.
+
+        The live front end is displayed as a :class:`LiveFigure`: where the front end
+        renders widgets (Jupyter, Colab with its widget manager) the sliders appear; where it
+        cannot (a notebook viewer, a front end without widget support) the static figure
+        appears instead, with a one-line note. When ipywidgets or anywidget is missing in
+        the kernel, the static figure is returned and the note printed.
+        """
         if live is None:
             live = want_live()
-        return self.widget() if live else self.figure()
+        if not live:
+            return self.figure()
+        try:
+            box = self.widget()
+        except ImportError as exc:  # no ipywidgets / anywidget in this kernel
+            print(f"{FALLBACK_NOTE} ({exc.name or exc} is not installed)")
+            return self.figure()
+        return LiveFigure(box, self.figure)
+
+
+FALLBACK_NOTE = "Static figure: live sliders need Jupyter widgets, which this front end cannot display."
+
+
+class LiveFigure:
+    """A live explorer widget that carries its static figure as the fallback representation.
+
+    Its mime bundle holds the widget view (shown wherever widgets render) and, as
+    ``text/html``, the static figure with every slider step baked in plus a one-line note
+    (shown by front ends that cannot render widgets). ``.widget``, ``.sliders`` and
+    ``.figure`` give the live parts.
+    """
+
+    def __init__(self, widget: Any, static: Callable[[], go.Figure]) -> None:
+        self.widget = widget
+        self.sliders = widget.sliders
+        self.figure = widget.figure
+        self._static = static
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        import plotly.io as pio
+
+        html = pio.to_html(self._static(), include_plotlyjs="cdn", full_html=False)
+        model_id = getattr(self.widget, "model_id", None) or self.widget._model_id
+        return {
+            "text/plain": f"{FALLBACK_NOTE}\n{self.widget!r}",
+            "text/html": f"<p><i>{FALLBACK_NOTE}</i></p>{html}",
+            "application/vnd.jupyter.widget-view+json": {"version_major": 2, "version_minor": 0,
+                                                          "model_id": model_id},
+        }
 
 
 def _layout_text(fig: go.Figure) -> dict[str, Any]:

@@ -4,7 +4,7 @@ It makes the build work with no network and no CDN in the HTML:
 
 - copies ``plotly.min.js`` from the installed ``plotly`` package into ``_static/deqlite/``
   and adds it to every page that contains a plotly figure (figures are rendered by
-  :mod:`deqlite._book.plotly_mime`);
+  :mod:`deqlite_book.plotly_mime`);
 - serves MathJax 3 and require.js from files vendored in this package
   (``static/deqlite/vendor``, see VENDOR.md) instead of their CDNs;
 - adds the ``deqlite-api`` directive, which documents every public module of ``deqlite``
@@ -58,6 +58,12 @@ def _plotly_static_dir(app: Sphinx) -> Path:
 
 def _config_inited(app: Sphinx, config: Config) -> None:
     config.html_static_path = [*config.html_static_path, str(STATIC), str(_plotly_static_dir(app))]
+    # html.baseurl follows repository.url (GitHub Pages address) unless _config.yml sets it
+    repository = (getattr(config, "html_theme_options", None) or {}).get("repository_url", "")
+    if not getattr(config, "html_baseurl", "") and repository:
+        from .chapters import pages_url
+
+        config.html_baseurl = pages_url(repository)
     if not config.mathjax_path or _is_remote(config.mathjax_path):
         config.mathjax_path = MATHJAX_JS
     # myst-nb loads these on pages with embedded widget state; keep them local. The

@@ -3,7 +3,7 @@
 plotly >= 6 puts a figure in a notebook only as this mime type; myst-nb drops mime types it
 does not know, so without this plugin plotly figures silently vanish from the HTML. The
 plugin is found by myst-nb through the ``myst_nb.mime_renderers`` entry point; the plotly.js
-it needs is shipped by :mod:`deqlite._book.sphinxext` (no CDN).
+it needs is shipped by :mod:`deqlite_book.sphinxext` (no CDN).
 """
 
 from __future__ import annotations
