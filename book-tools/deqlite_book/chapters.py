@@ -135,6 +135,10 @@ class ReaderMarkdown:
             for md in sorted((self.root / "book").glob("*.md")):
                 lines = md.read_text(encoding="utf-8").splitlines()
                 for i, line in enumerate(lines):
+                    eq = re.search(r"\$\$\s*\(([\w-]+)\)\s*$", line)  # a labelled equation: $$ (name)
+                    if eq:
+                        self._labels[eq.group(1)] = (md.stem, "the equation")
+                        continue
                     m = re.fullmatch(r"\(([\w-]+)\)=\s*", line) or re.fullmatch(r":label:\s*([\w-]+)\s*", line)
                     if m:
                         nxt = next((x for x in lines[i + 1:] if x.strip()), "")

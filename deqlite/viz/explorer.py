@@ -188,7 +188,7 @@ class Explorer:
         """One slider per parameter. Plotly sliders are independent, so each step only
         records its knob ("skip"); the combination's data (``steps``, in the order of
         :meth:`settings`) lives in ``layout.meta["deqlite_explorer"]``, and the book's
-        script ``_static/deqlite/explorer.js`` (shipped by ``deqlite._book.sphinxext``,
+        script ``_static/deqlite/explorer.js`` (shipped by ``deqlite_book.sphinxext``,
         offline) applies the combination the sliders select together."""
         sliders, row = [], 90  # px per slider
         for i, (name, values) in enumerate(self.grid.items()):
