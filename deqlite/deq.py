@@ -113,9 +113,9 @@ class DEQ(nn.Module):
         backward: the gradient strategy: an object (:class:`deqlite.Implicit`,
             :class:`deqlite.JacobianFree`, :class:`deqlite.Phantom`, :class:`deqlite.Unrolled`
             or any registered one) or its name (``"implicit"`` ...).
-        backward_solver, backward_tol, backward_max_iter, backward_solver_options,
-            phantom_k, phantom_tau: shortcuts that build the named strategy (defaults: the
-            strategy's); only with a name, not next to an object.
+        backward_solver, backward_tol, backward_max_iter, backward_solver_options, phantom_k, phantom_tau: shortcuts
+            that build the named strategy (defaults: the strategy's); only with a name, not
+            next to an object.
         init: ``x -> z0`` for the default start; otherwise ``f.init_state(x)`` if ``f``
             has it, else ``zeros_like(x)`` (a tensor ``x`` only).
         warm_start: reuse the previous call's fixed point as the start when its shape
