@@ -172,6 +172,7 @@ def bench_conv(args) -> dict:
                          "per_layer": ev.per_layer})
         runs.append({"seed": seed, "fit_seconds": fit.seconds, "final_loss": fit.loss[-1],
                      "dense_accuracy": dense.accuracy, "dense_iterations": dense.iterations,
+                     "dense_status": dense.trace.status,
                      "rows": rows})
     return {"channels": args.conv_channels, "steps": args.conv_steps,
             "solver": "picard tol=1e-3 max_iter=40, memory reset", "runs": runs}
@@ -180,7 +181,7 @@ def bench_conv(args) -> dict:
 def print_conv(conv: dict) -> None:
     for run in conv["runs"]:
         print(f"conv seed {run['seed']}: dense acc {run['dense_accuracy']:.3f} in "
-              f"{run['dense_iterations']} it")
+              f"{run['dense_iterations']} it ({run['dense_status']})")
         for q in run["rows"]:
             print(f"  th={q['threshold']:<5g} acc {q['accuracy']:.3f} it {q['iterations']:2d} "
                   f"MACs -{100 * q['reduction']:.1f}% (patches -{100 * q['patch_reduction']:.1f}%) "

@@ -8,6 +8,5 @@ from .conv import ConvDEQ, evaluate_conv_delta, fit_conv_deq
 from .inr import DEQINR, DEQFourier, DEQSiren, evaluate_delta, fit_inr, psnr
 from .rnn import SineRNN, fit_sine_rnn
 
-__all__ = ["ConvDEQ", "DEQINR", "DEQFourier", "DEQSiren", "SineRNN", "evaluate_conv_delta", "evaluate_delta",
-           "fit_conv_deq", "fit_inr",
-           "fit_sine_rnn", "psnr"]
+__all__ = ["ConvDEQ", "DEQINR", "DEQFourier", "DEQSiren", "SineRNN", "evaluate_conv_delta",
+           "evaluate_delta", "fit_conv_deq", "fit_inr", "fit_sine_rnn", "psnr"]
