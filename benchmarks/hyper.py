@@ -146,6 +146,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--chapter-width", type=int, default=0,
                     help="also run the chapter itself (papermill) at this width, e.g. 512")
+    ap.add_argument("--chapter-only", action="store_true",
+                    help="with --chapter-width: only run the chapter, and add its record to the existing --out file")
     args = ap.parse_args()
     torch.set_num_threads(1)
     q = args.quick
@@ -160,6 +162,11 @@ def main() -> None:
     }
     chapter = dict(epochs=2 if q else 3, steps=20 if q else 150, K=10, m=5, init_hidden=5,
                    max_nfe=40, repeats=2 if q else 7)
+    if args.chapter_only:
+        if not args.chapter_width:
+            raise SystemExit("--chapter-only needs --chapter-width N")
+        results = json.loads(args.out.read_text())
+        args.seeds, args.large_width = [], 0
     for seed in args.seeds:
         print(f"chapter size (width 256), seed {seed}", flush=True)
         results["settings"].append({"size": "chapter", **run_setting(256, 1.1, seed, **chapter)})
