@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -34,7 +35,11 @@ def _check_batched(f: object, z: object, n_iter: object, name: str) -> None:
 
 
 def _jvp(f_flat, z: Tensor, v: Tensor) -> Tensor:
-    return torch.func.jvp(f_flat, (z,), (v,))[1]
+    # torch's first forward-mode call loads its JVP decompositions through torch.jit.script,
+    # which warns 18 times that torch.jit.script is deprecated: torch's own code, not ours
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=DeprecationWarning)
+        return torch.func.jvp(f_flat, (z,), (v,))[1]
 
 
 def spectral_radius(f: Callable[[Tensor], Tensor], z: Tensor, n_iter: int = 50, seed: int = 0) -> Tensor:
