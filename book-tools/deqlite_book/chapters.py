@@ -139,6 +139,10 @@ class ReaderMarkdown:
                     if eq:
                         self._labels[eq.group(1)] = (md.stem, "the equation")
                         continue
+                    fig = re.fullmatch(r"\s+name:\s*(fig-[\w-]+)\s*", line)  # mystnb figure: name:
+                    if fig:
+                        self._labels[fig.group(1)] = (md.stem, "the figure")
+                        continue
                     m = re.fullmatch(r"\(([\w-]+)\)=\s*", line) or re.fullmatch(r":label:\s*([\w-]+)\s*", line)
                     if m:
                         nxt = next((x for x in lines[i + 1:] if x.strip()), "")
