@@ -668,8 +668,10 @@ def solve(
     shape = z0.shape
     B = shape[0]
 
+    flat = len(shape) == 2  # (B, D) states need no view / reshape around f (two ops a step)
+
     def f_flat(zf: Tensor) -> Tensor:
-        return f(zf.view(shape)).reshape(B, -1)
+        return f(zf) if flat else f(zf.view(shape)).reshape(B, -1)
 
     t0 = time.perf_counter()
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
@@ -703,7 +705,7 @@ def solve(
         autocast = False
         rel = stop == "rel"
         for k in range(max_iter):
-            fz = f(z.view(shape))
+            fz = f(z if flat else z.view(shape))
             nfe += 1
             if k == 0:
                 if not isinstance(fz, Tensor) or fz.shape != shape:
@@ -717,7 +719,8 @@ def solve(
                                     f"start from z0.to({fz.dtype}) or make f keep its input's dtype")
             if autocast:  # under torch.autocast f may return another precision: the state keeps z0's
                 fz = fz.to(z.dtype)
-            fz = fz.reshape(B, -1)
+            if not flat:
+                fz = fz.reshape(B, -1)
             g = fz - z  # the residual g(z), (B, n): also handed to the solver's step
             # both norms land in one buffer, allocated once; on a CPU in float32/64 its numpy
             # view shares the memory, elsewhere one (2, B) copy to the host per step
@@ -731,7 +734,10 @@ def solve(
             # an overflowing ||f(z)|| (inf, with finite entries) would make the relative
             # residual 0 and a runaway sample look converged: every non-finite ||f(z)|| makes
             # both residuals NaN, so the sample counts as diverged
-            res_abs = np.where(np.isfinite(f_norm), norms[0], np_dtype(np.nan))
+            if f_norm.max() < np.inf:  # the common case, one reduction
+                res_abs = norms[0].copy()
+            else:
+                res_abs = np.where(np.isfinite(f_norm), norms[0], np_dtype(np.nan))
             res_rel = res_abs / np.maximum(f_norm, tiny)
             # z is finite (checked last step), so a non-finite entry of f(z), or a norm
             # that overflows, makes both residuals non-finite: no extra pass over the state
