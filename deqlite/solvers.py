@@ -215,9 +215,9 @@ class Solver:
 
     def step_residual(self, f: Callable[[Tensor], Tensor], z: Tensor, fz: Tensor, g: Tensor,
                       state: Any) -> Tuple[Tensor, Any]:
-        """:meth:`step` when the loop already holds the residual ``g = fz - z`` (B, n).
+        """``step`` when the loop already holds the residual ``g = fz - z`` (B, n).
         Solvers that need ``g`` override this to save a pass over the state; the default
-        ignores ``g`` and calls :meth:`step`."""
+        ignores ``g`` and calls ``step``."""
         return self.step(f, z, fz, state)
 
     @classmethod

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..delta import DeltaConv2d, delta_mode, mac_summary, reset_all
 from ..solvers import SolverTrace, solve
 
-__all__ = ["ConvDEQ", "ConvDeltaEval", "evaluate_conv_delta", "fit_conv_deq"]
+__all__ = ["ConvDEQ", "ConvDeltaEval", "ConvFit", "evaluate_conv_delta", "fit_conv_deq"]
 
 
 class ConvDEQ(nn.Module):
