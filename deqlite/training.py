@@ -153,9 +153,15 @@ def peak_memory(fn: Callable[[], Any]) -> int:
         >>> peak_memory(lambda: torch.ones(1000, dtype=torch.float64).sum()) >= 8000
         True
     """
+    import inspect
+
     from torch.profiler import ProfilerActivity, profile
 
-    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    # One profiling cycle: acc_events=True changes nothing in what is recorded, and keeps
+    # torch 2.11 (Colab) from printing "Profiler clears events at the end of each cycle".
+    one_cycle = {"acc_events": True} if "acc_events" in inspect.signature(profile.__init__).parameters else {}
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True,
+                                            **one_cycle) as prof:
         fn()
     events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
                     if e.self_cpu_memory_usage)

@@ -47,14 +47,17 @@ BASE = ["numpy", "scipy", "plotly", "ipywidgets", "anywidget", "ipykernel", "ipy
         "scikit-image", "jupytext", "nbclient", "nbformat", "filelock", "typing_extensions", "sympy",
         "networkx", "Jinja2", "fsspec", "setuptools"]
 PY313 = shutil.which("python3.13")
-SETUP_VERSION = "2"  # bump when the set-up below changes (invalidates the cached venv)
+SETUP_VERSION = "3"  # bump when the set-up below changes (invalidates the cached venv)
 
 PROBE = r'''
-import gc, json
+import gc, json, warnings
 import ipywidgets, plotly
 from deqlite.viz.explorer import Explorer
+with warnings.catch_warnings():  # scanning every object touches deprecated torch aliases
+    warnings.simplefilter("ignore")
+    explorers = [o for o in gc.get_objects() if isinstance(o, Explorer) and o.live_widget is not None]
 probe = []
-for ex in [o for o in gc.get_objects() if isinstance(o, Explorer) and o.live_widget is not None]:
+for ex in explorers:
     box = ex.live_widget
     name, slider = next(iter(box.sliders.items()))
     values = list(getattr(slider, "_options_values", None) or [v for _, v in slider.options])
@@ -145,6 +148,7 @@ def _base_venv() -> Path:
     # constrained; every other package is.
     cpu_only = venv / "constraints-without-cuda.txt"
     cpu_only.write_text("\n".join(line for line in CONSTRAINTS.read_text().splitlines() if not _is_cuda(line)))
+    _run([*pip, "-c", str(cpu_only), "pip"])  # Colab's pip (the venv comes with another)
     _run([*pip, "-c", str(cpu_only), TORCH, *BASE], timeout=3600)
     check = _run([str(py), "-c", "import torch; x = torch.randn(3, 3); "
                   "print(torch.__version__.split('+')[0], torch.cuda.is_available(), bool(torch.isfinite(x @ x).all()))"])

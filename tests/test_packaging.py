@@ -150,3 +150,20 @@ def test_workflow_structure():
             if "run" in step:
                 check = subprocess.run(["bash", "-n"], input=step["run"], capture_output=True, text=True)
                 assert check.returncode == 0, f"step {step.get('name')!r} is not valid bash: {check.stderr}"
+
+
+# ---- everything derives from repository.url -----------------------------------------------
+def test_urls_derive_from_the_repository_setting():
+    sys.path[:0] = [str(ROOT / "book-tools")]
+    from deqlite_book.chapters import install_cell_source, package_version, pages_url, repo_url
+
+    assert pages_url("https://github.com/deqlite/deqlite") == "https://deqlite.github.io/deqlite/"
+    assert pages_url("https://github.com/Someone/fork-of-deqlite/") == "https://someone.github.io/fork-of-deqlite/"
+    with pytest.raises(ValueError, match="github.com/<owner>/<name>"):
+        pages_url("https://gitlab.com/a/b")
+    cell = install_cell_source(ROOT)
+    assert f'REPO_URL = "{repo_url(ROOT)}"' in cell and f'VERSION = "{package_version(ROOT)}"' in cell
+    assert package_version(ROOT) == _version()
+    assert "deqlite[viz,data] @ git+{REPO_URL}@v{VERSION}" in cell, "installs the release tag with both extras"
+    assert 'os.environ.get("DEQLITE_SPEC"' in cell, "a test can point the cell at a local wheel"
+    assert "torch" not in cell.replace("# torch is left as it is", ""), "the install cell never touches torch"
