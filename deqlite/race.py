@@ -199,6 +199,7 @@ def race_figure(traces: Mapping[str, SolverTrace], *, tol: Optional[float] = Non
     ``max_steps`` fixes the x-range (useful when the budget is a slider)."""
     import plotly.graph_objects as go
 
+    from .viz.figures import add_tol_line
     from .viz.theme import COLORWAY, register
 
     _check_traces(traces)
@@ -210,11 +211,7 @@ def race_figure(traces: Mapping[str, SolverTrace], *, tol: Optional[float] = Non
             mode="lines", name=name, line=dict(color=COLORWAY[i % len(COLORWAY)], width=2.5),
             hovertemplate=f"{name}<br>evaluation %{{x}}<br>residual %{{y:.2e}}<extra></extra>"))
     if tol is not None:
-        # the label goes in by hand: plotly's add_hline places its annotation at y = tol on a
-        # log axis, where annotations take log10(y), so the label floated far above the line
-        fig.add_hline(y=tol, line=dict(dash="dash", color="rgba(128,128,128,0.8)", width=1))
-        fig.add_annotation(x=0, xref="x domain", y=math.log10(tol), yref="y", text="tol",
-                           showarrow=False, xanchor="left", yanchor="top")
+        add_tol_line(fig, tol)
     fig.update_layout(template=register(), title=title, height=height,
                       xaxis=dict(title="evaluations of f", range=[0, max_steps + 1] if max_steps else None),
                       yaxis=dict(type="log", title="relative residual (worst sample)", exponentformat="power"),

@@ -204,7 +204,7 @@ def test_jupyterlab_live_slider(browser, tmp_path, artifacts):
 # ---- defect classes a reader saw (issue 12): checked on standalone figures, and on the
 # ---- built book where it exists ------------------------------------------------------------
 
-EXPLORER_JS = ROOT / "deqlite" / "_book" / "static" / "deqlite" / "explorer.js"
+EXPLORER_JS = ROOT / "book-tools" / "deqlite_book" / "static" / "deqlite" / "explorer.js"
 
 
 def _figure_page(browser, fig, tmp_path: Path, *, width: int = 1000, extra_js: str = ""):
@@ -222,14 +222,18 @@ def _figure_page(browser, fig, tmp_path: Path, *, width: int = 1000, extra_js: s
     return page, errors
 
 
-def test_tol_label_sits_on_its_line(browser, tmp_path):
-    """The `tol` label of a race figure is drawn next to its dashed line (it floated
-    190-280 px above it: plotly placed it at y = tol on a log axis)."""
+@pytest.mark.parametrize("builder", ["race_figure", "residual_figure"])
+def test_tol_label_sits_on_its_line(browser, tmp_path, builder):
+    """The `tol` label of a race or residual figure is drawn next to its dashed line (it
+    floated 190-280 px above it: plotly placed it at y = tol on a log axis)."""
     from deqlite import race as R
+    from deqlite.viz import residual_figure
 
     p = R.slow_tanh(0.9, D=8, B=2, seed=0)
     traces = R.race(p.f, p.z0, {"picard": {"solver": "picard"}}, tol=1e-6, max_iter=200)
-    page, errors = _figure_page(browser, R.race_figure(traces, tol=1e-6), tmp_path)
+    fig = (R.race_figure(traces, tol=1e-6) if builder == "race_figure"
+           else residual_figure(traces, slider=False))
+    page, errors = _figure_page(browser, fig, tmp_path)
     label = page.locator("#fig .annotation-text", has_text="tol").first.bounding_box()
     line = page.evaluate("""() => { const r = document.querySelector('#fig .layer-above path, #fig .shapelayer path')
                                                    .getBoundingClientRect(); return [r.top, r.bottom]; }""")

@@ -7,6 +7,8 @@ book with no kernel.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import numpy as np
@@ -71,8 +73,7 @@ def residual_figure(
     stops = {_data.field(tr, "stop") for tr in named.values()}
     if show_tol and len(tols) == 1 and (kind == "stop" or stops == {kind}):
         # the tolerance is only meaningful on the residual used for stopping
-        fig.add_hline(y=float(tols.pop()), line=dict(dash="dash", color="rgba(128,128,128,0.8)", width=1),
-                      annotation_text="tol", annotation_position="top right")
+        add_tol_line(fig, float(tols.pop()), side="right")
     n_steps = max(len(y) for y in curves.values())
     if slider and n_steps > 1:
         bold = list(range(1, 2 * len(curves), 2))
@@ -89,6 +90,21 @@ def residual_figure(
     fig.update_layout(template=register(), title=title, height=height,
                       xaxis_title="solver step", yaxis=dict(type="log", title=ylabel, exponentformat="power"),
                       legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"))
+    return fig
+
+
+def add_tol_line(fig: go.Figure, tol: float, side: str = "left") -> go.Figure:
+    """A dashed line at ``tol`` with its label on the line, on a log-scale y axis.
+
+    The label goes in by hand: plotly's ``add_hline(annotation_text=...)`` places the label
+    at ``y = tol`` while annotations on a log axis take ``log10(y)``, so it floated far above
+    the line (190-280 px in the book's figures).
+    """
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive finite number for a log axis, got {tol!r}")
+    fig.add_hline(y=tol, line=dict(dash="dash", color="rgba(128,128,128,0.8)", width=1))
+    fig.add_annotation(x=0 if side == "left" else 1, xref="x domain", y=math.log10(tol), yref="y",
+                       text="tol", showarrow=False, xanchor=side, yanchor="top")
     return fig
 
 
