@@ -443,18 +443,22 @@ class Broyden(Solver):
             return self._step_buffered(z, g, state)
         U, V = state["U"], state["V"]
         if state["z"] is not None:
-            dz = z - state["z"]
-            dg = g - state["g"]
-            vT = self._apply_t(U, V, dz)  # dz^T H, (B, n)
-            denom = _bdot(vT, dg)  # dz^T H dg, (B,)
-            u = dz - self._apply(U, V, dg)
-            ok = denom.abs() > 1e-30 * (dz.norm(dim=-1) * dg.norm(dim=-1)).clamp_min(1e-300)
-            safe = torch.where(ok, denom, torch.ones_like(denom))
-            u = torch.where(ok[:, None], u / safe[:, None], torch.zeros_like(u))
+            u, vT = self._update(U, V, z - state["z"], g - state["g"])
             U = torch.cat([U, u.unsqueeze(1)], 1)[:, -self.m:]
             V = torch.cat([V, vT.unsqueeze(1)], 1)[:, -self.m:]
         state = {"U": U, "V": V, "z": z, "g": g}
         return z - self.alpha * self._apply(U, V, g), state
+
+    def _update(self, U: Tensor, V: Tensor, dz: Tensor, dg: Tensor) -> Tuple[Tensor, Tensor]:
+        """The rank-one term ``u vT`` of the good-Broyden update of ``H`` for the step
+        ``dz`` and the residual change ``dg`` (both (B, n)); ``u = 0`` where
+        ``dz^T H dg`` vanishes (the update would divide by zero)."""
+        vT = self._apply_t(U, V, dz)  # dz^T H, (B, n)
+        denom = _bdot(vT, dg)  # dz^T H dg, (B,)
+        u = dz - self._apply(U, V, dg)
+        ok = denom.abs() > 1e-30 * (dz.norm(dim=-1) * dg.norm(dim=-1)).clamp_min(1e-300)
+        safe = torch.where(ok, denom, torch.ones_like(denom))
+        return torch.where(ok[:, None], u / safe[:, None], torch.zeros_like(u)), vT
 
     def _step_buffered(self, z, g, state):
         """The same update without autograd: the ``m`` pairs live in buffers allocated
@@ -468,14 +472,7 @@ class Broyden(Solver):
         h = min(state["count"], self.m)
         U, V = state["Ub"][:, :h], state["Vb"][:, :h]
         if state["z"] is not None:
-            dz = z - state["z"]
-            dg = g - state["g"]
-            vT = self._apply_t(U, V, dz)  # dz^T H, (B, n)
-            denom = _bdot(vT, dg)  # dz^T H dg, (B,)
-            u = dz - self._apply(U, V, dg)
-            ok = denom.abs() > 1e-30 * (dz.norm(dim=-1) * dg.norm(dim=-1)).clamp_min(1e-300)
-            safe = torch.where(ok, denom, torch.ones_like(denom))
-            u = torch.where(ok[:, None], u / safe[:, None], torch.zeros_like(u))
+            u, vT = self._update(U, V, z - state["z"], g - state["g"])
             slot = state["count"] % self.m
             state["Ub"][:, slot], state["Vb"][:, slot] = u, vT
             state["count"] += 1
