@@ -213,7 +213,8 @@ def test_chapter_on_colab_versions(colab, md: Path, tmp_path: Path):
           f"explorers {probe['explorers']}")
     assert probe["ipywidgets"] == "7.7.1"
     assert not result["stderr"], f"{ipynb.name} wrote to stderr (a warning above a widget?): {result['stderr']}"
-    assert probe["explorers"], f"{ipynb.name}: no live explorer was built under DEQLITE_LIVE=1"
+    if "Explorer(" in md.read_text(encoding="utf-8"):  # a chapter without a live figure has none
+        assert probe["explorers"], f"{ipynb.name}: no live explorer was built under DEQLITE_LIVE=1"
     assert result["widget_outputs"] >= len(probe["explorers"]), "each live explorer is displayed as a widget"
     stuck = [e for e in probe["explorers"] if not e["redrew"]]
     assert not stuck, f"moving a slider did not redraw: {stuck}"
