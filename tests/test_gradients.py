@@ -220,6 +220,24 @@ def _train(deq, seed, steps=10):
     return grads
 
 
+def _in_threads(work, args) -> None:
+    """Run ``work(a)`` for each ``a`` in its own thread at once; fail with any exception."""
+    errors = []
+
+    def guarded(a):
+        try:
+            work(a)
+        except Exception as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(a,)) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
 def test_contractive_weight_gets_gradient_inside_users_cached_block():
     # before: grad None (the no-grad solve's weight was reused by the gradient step)
     deq = _model(0)
@@ -233,20 +251,12 @@ def test_two_threads_train_two_models_exactly_as_alone():
     # before: 30-39 of 80 gradients of the contractive weight were lost
     alone = [_train(_model(s), s) for s in (0, 1)]
     models = {s: _model(s) for s in (0, 1)}  # built here: torch.manual_seed is process-wide
-    results, errors = {}, []
+    results = {}
 
     def work(s):
-        try:
-            results[s] = _train(models[s], s)
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
+        results[s] = _train(models[s], s)
 
-    threads = [threading.Thread(target=work, args=(s,)) for s in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    _in_threads(work, (0, 1))
     for s in (0, 1):
         for a, b in zip(alone[s], results[s]):
             assert a is not None and b is not None
@@ -256,23 +266,14 @@ def test_two_threads_train_two_models_exactly_as_alone():
 def test_one_model_shared_by_two_threads():
     # before: "backward through the graph a second time" in 3 of 5 runs
     deq = _model(0)
-    errors = []
 
     def work(seed):
-        try:
-            g = torch.Generator().manual_seed(seed)
-            for _ in range(10):
-                z, _ = deq(torch.randn(8, D, generator=g, dtype=torch.float64))
-                torch.autograd.grad(z.sum(), deq.f.W.parametrizations.weight.original)
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(10):
+            z, _ = deq(torch.randn(8, D, generator=g, dtype=torch.float64))
+            torch.autograd.grad(z.sum(), deq.f.W.parametrizations.weight.original)
 
-    threads = [threading.Thread(target=work, args=(s,)) for s in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    _in_threads(work, (0, 1))
 
 
 # ---------------------------------------------------------------- closed forms, every strategy
