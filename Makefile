@@ -15,12 +15,13 @@ STAMP      := $(VENV)/.deqlite-setup-stamp
 BUILD_CMD  := $(BIN)/jupyter-book build --all -W -n --keep-going .
 PYTEST_ARGS ?=
 
-.PHONY: help setup book test test-fast build dist clean clean-cache sync-chapters
+.PHONY: help setup book test test-fast lint build dist clean clean-cache sync-chapters
 
 help:
 	@echo "make book   - set up .venv and build the book (open _build/html/index.html)"
 	@echo "make test   - set up .venv, build the book and run every test"
 	@echo "make test-fast - unit tests only (no book, no browser)"
+	@echo "make lint   - ruff over the library, tests, benchmarks and tools (part of make test)"
 	@echo "make sync-chapters - pair .md/.ipynb chapters and refresh their install cell"
 	@echo "make dist   - build the library's wheel and sdist into dist/ and check their metadata"
 
@@ -53,10 +54,15 @@ book: build
 # The build and pytest both run even when the build fails (so one run reports everything);
 # the target fails when either failed.
 test: setup
-	@build=0; $(MAKE) --no-print-directory build || build=$$?; \
+	@lint=0; $(MAKE) --no-print-directory lint || lint=$$?; \
+	build=0; $(MAKE) --no-print-directory build || build=$$?; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS); tests=$$?; \
+	if [ $$lint -ne 0 ]; then echo "make test: ruff FAILED (see above; rules in pyproject.toml)"; fi; \
 	if [ $$build -ne 0 ]; then echo "make test: the book build FAILED (see the warnings above)"; fi; \
-	if [ $$build -ne 0 ] || [ $$tests -ne 0 ]; then exit 1; fi
+	if [ $$lint -ne 0 ] || [ $$build -ne 0 ] || [ $$tests -ne 0 ]; then exit 1; fi
+
+lint: setup
+	$(BIN)/python -m ruff check .
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not book and not browser and not colab" $(PYTEST_ARGS)

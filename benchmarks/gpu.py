@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deqlite import DEQ, available_solvers, solve  # noqa: E402
+from deqlite import available_solvers, solve  # noqa: E402
 from deqlite import problems as P  # noqa: E402
 
 

@@ -27,14 +27,15 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_int(name: str, value: Any, lo: int = 1, hi: Optional[int] = None) -> int:
+def check_int(name: str, value: Any, lo: int = 1, hi: Optional[int] = None, hint: str = "") -> int:
     """Return ``value`` if it is an ``int`` (not a ``bool``) in ``[lo, hi]``, else raise.
 
-    The message reads ``"<name> must be an integer >= <lo>, got <value>"`` (or ``in [lo, hi]``).
+    The message reads ``"<name> must be an integer >= <lo>, got <value>"`` (or ``in [lo, hi]``);
+    ``hint`` (what the number means, or the fix) goes in parentheses before ``got``.
     """
     if not is_int(value) or value < lo or (hi is not None and value > hi):
         want = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name} must be an integer {want}, got {value!r}")
+        raise ValueError(f"{name} must be an integer {want}{_paren(hint)}, got {value!r}")
     return value
 
 
@@ -47,7 +48,7 @@ def check_ints(name: str, values: Iterable[Any], lo: int = 1) -> tuple:
 
 
 def check_number(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf,
-                 low_open: bool = False, high_open: bool = False) -> float:
+                 low_open: bool = False, high_open: bool = False, hint: str = "") -> float:
     """Return ``value`` if it is a finite real number (not a ``bool``) in the given interval.
 
     ``low_open``/``high_open`` exclude the end points. The message names the interval.
@@ -57,8 +58,12 @@ def check_number(name: str, value: Any, lo: float = -math.inf, hi: float = math.
         ok = (value > lo if low_open else value >= lo) and (value < hi if high_open else value <= hi)
     if not ok:
         lb, rb = ("(" if low_open else "["), (")" if high_open or hi == math.inf else "]")
-        raise ValueError(f"{name} must be a finite number in {lb}{lo}, {hi}{rb}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number in {lb}{lo}, {hi}{rb}{_paren(hint)}, got {value!r}")
     return value
+
+
+def _paren(hint: str) -> str:
+    return f" ({hint})" if hint else ""
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:

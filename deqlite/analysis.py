@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from torch import Tensor
 
+from ._checks import check_int, check_number
+
 __all__ = [
     "PCAResult",
     "convergence_histogram",
@@ -65,8 +67,7 @@ def convergence_iteration(traj: ArrayLike, tol: float = 0.01, mode: str = "first
     trajectory get ``T`` (one past the last step); count them with
     :func:`convergence_histogram`.
     """
-    if not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    check_number("tol", tol, lo=0.0, low_open=True)
     if mode not in ("first", "stays"):
         raise ValueError(f"mode must be 'first' or 'stays', got {mode!r}")
     d = step_deltas(traj)  # (S, B, D), S = T - 1
@@ -136,9 +137,7 @@ def trajectory_pca(traj: ArrayLike, n_components: int = 2) -> PCAResult:
     """
     arr = _as_traj(traj)
     T, B, D = arr.shape
-    if isinstance(n_components, bool) or not isinstance(n_components, int) \
-            or not 1 <= n_components <= D:
-        raise ValueError(f"n_components must be an int in [1, {D}], got {n_components!r}")
+    check_int("n_components", n_components, hi=D)
     X = arr.reshape(T * B, D)
     mean = X.mean(axis=0)
     Xc = X - mean

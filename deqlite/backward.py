@@ -28,7 +28,6 @@ no graph, so a second derivative would be silently wrong); ``jacobian_free`` and
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Type, Union
@@ -37,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .solvers import ConvergenceError, Solver, SolverTrace, get_solver, solve
+from ._checks import check_int, check_number
 
 __all__ = ["GradientStrategy", "Implicit", "JacobianFree", "Phantom", "Unrolled", "GRADIENTS",
            "BACKWARD_STRATEGIES", "FAILURE_POLICIES", "DEQConvergenceWarning", "register_gradient",
@@ -108,11 +108,6 @@ class GradientStrategy:
         return [f.name for f in dataclasses.fields(cls)]
 
 
-def _check_int(name: str, value: Any, lo: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
-
-
 @register_gradient("implicit")
 @dataclass(frozen=True, eq=False)
 class Implicit(GradientStrategy):
@@ -134,11 +129,8 @@ class Implicit(GradientStrategy):
 
     def __post_init__(self) -> None:
         get_solver(self.solver, **self.solver_options)  # validates name and options now
-        if not (isinstance(self.tol, (int, float)) and not isinstance(self.tol, bool)
-                and math.isfinite(self.tol) and self.tol > 0):
-            raise ValueError(f"backward tol must be a positive finite number, got {self.tol!r}")
-        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 1:
-            raise ValueError(f"backward max_iter must be an integer >= 1, got {self.max_iter!r}")
+        check_number("backward tol", self.tol, lo=0.0, low_open=True)
+        check_int("backward max_iter", self.max_iter)
         if self.stop not in ("abs", "rel"):
             raise ValueError(f"stop must be 'abs' or 'rel', got {self.stop!r}")
 
@@ -166,10 +158,8 @@ class Phantom(GradientStrategy):
     tau: float = 0.5
 
     def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"phantom_k must be an integer >= 1, got {self.k!r}")
-        if not (isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool) and 0 < self.tau <= 1):
-            raise ValueError(f"phantom_tau must be in (0, 1], got {self.tau!r}")
+        check_int("phantom_k", self.k)
+        check_number("phantom_tau", self.tau, lo=0.0, hi=1.0, low_open=True)
 
     def attach(self, f, z_star, on_failure="warn", callback=None):
         z = z_star.detach()

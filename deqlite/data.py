@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._checks import check_int
+
 __all__ = ["camera_image", "image_coordinates", "load_digits_tensors", "pan_windows"]
 
 
@@ -22,8 +24,7 @@ def image_coordinates(size: int, dtype: torch.dtype = torch.float32) -> Tensor:
         >>> image_coordinates(2).tolist()
         [[-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]]
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size < 2:
-        raise ValueError(f"size must be an int >= 2, got {size!r}")
+    check_int("size", size, lo=2)
     t = torch.linspace(-1.0, 1.0, size, dtype=dtype)
     yy, xx = torch.meshgrid(t, t, indexing="ij")
     return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
@@ -43,9 +44,7 @@ def camera_image(size: int = 64, dtype: torch.dtype = torch.float32) -> tuple[Te
         >>> coords.shape, pixels.shape, bool(pixels.abs().max() <= 1)
         (torch.Size([256, 2]), torch.Size([256, 1]), True)
     """
-    if isinstance(size, bool) or not isinstance(size, int) or not 2 <= size <= 512:
-        raise ValueError(f"size must be an int in [2, 512] (the photograph is 512x512), "
-                         f"got {size!r}")
+    check_int("size", size, lo=2, hi=512, hint="the photograph is 512x512")
     from skimage import data as skdata
     from skimage.transform import resize
 
@@ -100,8 +99,7 @@ def pan_windows(size: int, window: int, n_frames: int, step: int = 1) -> list:
         [[0, 1, 3, 4], [1, 2, 4, 5]]
     """
     for name, v in (("size", size), ("window", window), ("n_frames", n_frames), ("step", step)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_int(name, v)
     if window + step * (n_frames - 1) > size:
         raise ValueError(f"the window leaves the image: window + step * (n_frames - 1) = "
                          f"{window + step * (n_frames - 1)} > size = {size}; use fewer frames, a "

@@ -3,16 +3,17 @@ gradient strategy chosen independently."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .backward import (FAILURE_POLICIES, GradientStrategy, Implicit, Phantom, get_gradient,
+from .backward import (FAILURE_POLICIES, GradientStrategy, get_gradient,
                        report_failure)
 from .regularize import weight_cache
 from .solvers import Solver, SolverTrace, get_solver, solve
+from ._checks import check_int, check_number
 
 __all__ = ["DEQ", "DEQOutput", "State"]
 
@@ -197,10 +198,8 @@ class DEQ(nn.Module):
         """Validate one forward-solve setting now, not at the first call."""
         cfg = dict(solver=solver, tol=tol, max_iter=max_iter, stop=stop, options=dict(options or {}))
         get_solver(solver, **cfg["options"])
-        if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and math.isfinite(tol) and tol > 0):
-            raise ValueError(f"tol must be a positive finite number, got {tol!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+        check_number("tol", tol, lo=0.0, low_open=True)
+        check_int("max_iter", max_iter)
         if stop not in ("abs", "rel"):
             raise ValueError(f"stop must be 'abs' or 'rel', got {stop!r}")
         return cfg

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+
+from ._checks import check_int, check_number
 
 __all__ = ["SpectralScale", "make_contractive", "jacobian_frobenius", "weight_cache"]
 
@@ -53,8 +55,7 @@ class SpectralScale(nn.Module):
     def __init__(self, weight: Tensor, radius: float = 0.9, mode: str = "clip", n_power: int = 1,
                  exact_max: int = 512):
         super().__init__()
-        if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not (0 < radius < float("inf")):
-            raise ValueError(f"radius must be a finite number > 0, got {radius!r}")
+        check_number("radius", radius, lo=0.0, low_open=True)
         if mode not in ("clip", "fix"):
             raise ValueError(f"mode must be 'clip' or 'fix', got {mode!r}")
         self.radius, self.mode, self.n_power = float(radius), mode, int(n_power)
@@ -158,9 +159,7 @@ def jacobian_frobenius(fz: Tensor, z: Tensor, n_samples: int = 1, create_graph: 
         >>> bool(((est.mean() / A.pow(2).sum()) - 1).abs() < 0.1)
         True
     """
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be an integer >= 1 (the number of random probe vectors), "
-                         f"got {n_samples!r}")
+    check_int("n_samples", n_samples, hint="the number of random probe vectors")
     if not isinstance(fz, Tensor) or not isinstance(z, Tensor):
         raise TypeError(f"fz and z must be tensors, got {type(fz).__name__} and {type(z).__name__}")
     if not z.requires_grad:
@@ -169,7 +168,7 @@ def jacobian_frobenius(fz: Tensor, z: Tensor, n_samples: int = 1, create_graph: 
     if fz.shape != z.shape:
         raise ValueError(f"fz and z must have the same shape, got {tuple(fz.shape)} and {tuple(z.shape)}")
     total = fz.new_zeros(fz.shape[0])
-    for i in range(n_samples):
+    for _ in range(n_samples):
         v = torch.randn(fz.shape, generator=generator, dtype=fz.dtype).to(fz.device)
         (vjp,) = torch.autograd.grad(fz, z, v, retain_graph=True, create_graph=create_graph)
         total = total + vjp.reshape(vjp.shape[0], -1).pow(2).sum(1)

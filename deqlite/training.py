@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_int
+
 __all__ = ["count_params", "accuracy", "TrainResult", "train_classifier", "peak_memory",
            "training_step_memory"]
 
@@ -81,8 +83,7 @@ def train_classifier(model: nn.Module, X: Tensor, y: Tensor, *, epochs: int = 10
         True
     """
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_int(name, value)
     if X.shape[0] != y.shape[0]:
         raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]}")
     gen = torch.Generator().manual_seed(seed)

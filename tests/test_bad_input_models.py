@@ -74,7 +74,7 @@ add("inr/psnr-identical", lambda: models.psnr(torch.zeros(3), torch.zeros(3)), O
 add("inr/fit-steps=0", lambda: models.fit_inr(inr(), P2(), PX(), steps=0), Err(ValueError, "steps must be a positive int"))
 add("inr/fit-rows", lambda: models.fit_inr(inr(), P2(4), PX(5), steps=1), Err(ValueError, "same number of rows"))
 add("inr/evaluate-threshold<0", lambda: models.evaluate_delta(inr(), P2(), PX(), -1.0), Err(ValueError, "threshold must be"))
-add("inr/sine-rnn-hidden=0", lambda: models.SineRNN(hidden=0), Err(ValueError, "hidden must be a positive int"))
+add("inr/sine-rnn-hidden=0", lambda: models.SineRNN(hidden=0), Err(ValueError, "hidden must be an integer >= 1"))
 
 
 def _inr_w_grad():
@@ -85,15 +85,15 @@ def _inr_w_grad():
 
 
 # ------------------------------------------------------------------ data and training
-add("data/camera-size=0", lambda: deqlite.data.camera_image(0), Err(ValueError, "size must be an int in [2, 512]"))
+add("data/camera-size=0", lambda: deqlite.data.camera_image(0), Err(ValueError, "size must be an integer in [2, 512]"))
 add("data/digits-test_size=2", lambda: deqlite.data.load_digits_tensors(test_size=2), Err(ValueError, "test_size must be a float in (0, 1)"))
-add("train/epochs=0", lambda: deqlite.training.train_classifier(nn.Linear(2, 2), P2(), torch.zeros(4, dtype=torch.long), epochs=0), Err(ValueError, "epochs must be an int >= 1"))
+add("train/epochs=0", lambda: deqlite.training.train_classifier(nn.Linear(2, 2), P2(), torch.zeros(4, dtype=torch.long), epochs=0), Err(ValueError, "epochs must be an integer >= 1"))
 add("train/accuracy-rows", lambda: deqlite.training.accuracy(nn.Linear(2, 2), P2(4), torch.zeros(5, dtype=torch.long)), Err(ValueError, "X has 4 rows but y has 5"))
 add("train/count-params", lambda: deqlite.training.count_params(nn.Linear(2, 3)), Ok(lambda n: n == 9))
 
 # ------------------------------------------------------------------ analysis
 add("analysis/conv-iter-1d", lambda: analysis.convergence_iteration(np.zeros(5)), Err(ValueError, "(T, B, D)"))
-add("analysis/conv-iter-tol<0", lambda: analysis.convergence_iteration(np.zeros((5, 1, 3)), tol=-1), Err(ValueError, "tol must be a positive number"))
+add("analysis/conv-iter-tol<0", lambda: analysis.convergence_iteration(np.zeros((5, 1, 3)), tol=-1), Err(ValueError, "tol must be a finite number in (0.0, inf)"))
 add("analysis/conv-iter-mode", lambda: analysis.convergence_iteration(np.zeros((5, 1, 3)), mode="last"), Err(ValueError, "mode must be 'first' or 'stays'"))
 add("analysis/pca-2d", lambda: analysis.trajectory_pca(np.random.rand(5, 3)), Err(ValueError, "traj[:, None, :]"))
 add("analysis/pca-n=0", lambda: analysis.trajectory_pca(np.random.rand(5, 1, 3), n_components=0), Err(ValueError, "n_components"))

@@ -3,11 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-import deqlite
 
 from deqlite import DEQ
 from deqlite.problems import spectral_rescale
-from deqlite.solvers import solve
 
 D, B = 5, 3
 EXACT = ["implicit", "unrolled", "phantom"]  # phantom exact only in the limit: big k, tau=1
@@ -62,7 +60,6 @@ def test_gradcheck_wrt_input_and_parameters(backward):
             f.W.copy_(W)
         return deq(x.detach()).z_star
 
-    W0 = f.W.detach().clone().requires_grad_(True)
     # gradient w.r.t. W through the module: compare autograd's W.grad to finite differences
     loss_w = lambda: (deq(x.detach()).z_star.sin()).sum()  # noqa: E731
     f.zero_grad()

@@ -88,6 +88,14 @@ def test_strategy_objects_equal_their_names():
         B = DEQ(f, tol=1e-12, max_iter=200, backward=name, **kw)
         assert A.gradient == B.gradient if not isinstance(obj, Implicit) else A.gradient.tol == B.gradient.tol
         assert A.backward == name
+        # and they compute the same gradient
+        grads = []
+        for deq in (A, B):
+            xi = x.clone().requires_grad_(True)
+            z, _ = deq(xi)
+            (g,) = torch.autograd.grad(z.sin().sum(), xi)
+            grads.append(g)
+        assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-12)
 
 
 def test_object_and_shortcut_conflict_is_an_error():

@@ -15,7 +15,7 @@ def test_lazy_top_level_names():
     assert deqlite.diagnose is diagnose and deqlite.spectral_radius is spectral_radius
     assert deqlite.make_contractive is make_contractive and deqlite.jacobian_frobenius is jacobian_frobenius
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        deqlite.nope
+        _ = deqlite.nope
 
 
 def test_spectral_radius_and_norm_of_linear_maps():

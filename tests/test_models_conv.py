@@ -48,7 +48,7 @@ def test_conv_deq_delta_counts_per_layer():
 
 
 def test_conv_deq_errors():
-    with pytest.raises(ValueError, match="channels must be a positive int"):
+    with pytest.raises(ValueError, match="channels must be an integer >= 1"):
         ConvDEQ(channels=0)
     net = ConvDEQ(channels=2)
     with pytest.raises(ValueError, match=r"x must have shape \(B, 64\)"):

@@ -27,9 +27,9 @@ def test_camera_image_and_coordinates():
     assert -1 <= pixels.min() < -0.5 and 0.5 < pixels.max() <= 1  # uses the range
     # row-major: the second coordinate is the row
     assert coords[1].tolist() == pytest.approx([-1 + 2 / 31, -1.0])
-    with pytest.raises(ValueError, match="size must be an int in"):
+    with pytest.raises(ValueError, match="size must be an integer in"):
         camera_image(1000)
-    with pytest.raises(ValueError, match="size must be an int >= 2"):
+    with pytest.raises(ValueError, match="size must be an integer >= 2"):
         image_coordinates(1)
 
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..delta import DeltaConv2d, delta_mode, mac_summary, reset_all
 from ..solvers import SolverTrace, solve
+from .._checks import check_int
 
 __all__ = ["ConvDEQ", "ConvDeltaEval", "ConvFit", "evaluate_conv_delta", "fit_conv_deq"]
 
@@ -58,8 +59,7 @@ class ConvDEQ(nn.Module):
                  init_scale: float = 0.5, seed: int = 0) -> None:
         super().__init__()
         for name, v in (("channels", channels), ("size", size), ("n_classes", n_classes)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_int(name, v)
         torch.manual_seed(seed)
         self.channels, self.size = channels, size
         self.inject = nn.Conv2d(1, channels, 3, padding=1)
@@ -122,8 +122,7 @@ def fit_conv_deq(model: ConvDEQ, x: Tensor, y: Tensor, *, steps: int = 40, lr: f
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must have the same number of rows, got {x.shape[0]} and "
                          f"{y.shape[0]}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    check_int("steps", steps)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     res = ConvFit()

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..deq import DEQ
 from ..regularize import make_contractive
 from ..solvers import SolverTrace
+from .._checks import check_int
 
 __all__ = ["TanhCell", "DEQClassifier"]
 
@@ -28,8 +29,7 @@ class TanhCell(nn.Module):
 
     def __init__(self, width: int, radius: Optional[float] = 0.9, init_scale: float = 1.0):
         super().__init__()
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be a positive int, got {width!r}")
+        check_int("width", width)
         self.width = width
         self.W = nn.Linear(width, width, bias=False)
         with torch.no_grad():

@@ -17,14 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..delta import DeltaLinear
+from .._checks import check_int
 
 __all__ = ["SineFit", "SineRNN", "fit_sine_rnn", "sine_data"]
 
 
 def sine_data(n_points: int = 200, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """``(x, sin(x))`` on ``n_points`` evenly spaced points of [-2 pi, 2 pi], each ``(N, 1)``."""
-    if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 2:
-        raise ValueError(f"n_points must be an int >= 2, got {n_points!r}")
+    check_int("n_points", n_points, lo=2)
     x = torch.linspace(-2 * math.pi, 2 * math.pi, n_points, dtype=dtype).unsqueeze(1)
     return x, torch.sin(x)
 
@@ -49,8 +49,7 @@ class SineRNN(nn.Module):
 
     def __init__(self, hidden: int = 20, seed: int = 0) -> None:
         super().__init__()
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"hidden must be a positive int, got {hidden!r}")
+        check_int("hidden", hidden)
         torch.manual_seed(seed)
         self.hidden = hidden
         self.inp = nn.Linear(1, hidden)
@@ -60,8 +59,7 @@ class SineRNN(nn.Module):
     def forward(self, x: Tensor, n_iter: int = 15, return_trajectory: bool = False):
         if x.dim() != 2 or x.shape[1] != 1:
             raise ValueError(f"x must have shape (B, 1), got {tuple(x.shape)}; use x.reshape(-1, 1)")
-        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-            raise ValueError(f"n_iter must be a positive int, got {n_iter!r}")
+        check_int("n_iter", n_iter)
         u = self.inp(x)  # (B, H): the constant input drive
         h = torch.zeros(x.shape[0], self.hidden, dtype=u.dtype, device=u.device)
         self.rec.reset()
@@ -94,8 +92,7 @@ def fit_sine_rnn(model: SineRNN, *, n_points: int = 200, epochs: int = 600, lr: 
     The loss adds ``penalty * relu(sigma_max(W) - 1)^2``, which keeps the recurrent weight's
     largest singular value near or below 1 so the iteration stays stable.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    check_int("epochs", epochs)
     torch.manual_seed(seed)
     x, y = sine_data(n_points)
     opt = torch.optim.Adam(model.parameters(), lr=lr)

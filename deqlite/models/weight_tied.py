@@ -17,6 +17,8 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int, is_int
+
 __all__ = ["ExplicitMLP", "BlockActivation", "WeightTiedNet", "universal_weight_tied", "last_block", "stacked_deq_layer"]
 
 Activation = Callable[[Tensor], Tensor]
@@ -24,8 +26,8 @@ Activation = Callable[[Tensor], Tensor]
 
 def _check_dims(dims: Sequence[int]) -> List[int]:
     dims = list(dims)
-    if len(dims) < 2 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
-        raise ValueError(f"dims must list at least two positive ints (input, ..., output), got {dims!r}")
+    if len(dims) < 2 or not all(is_int(d) and d >= 1 for d in dims):
+        raise ValueError(f"dims must list at least two integers >= 1 (input, ..., output), got {dims!r}")
     return dims
 
 
@@ -118,8 +120,7 @@ class WeightTiedNet(nn.Module):
         return self.activation(z @ self.W_z.T + x @ self.W_x.T + self.b)
 
     def forward(self, x: Tensor, depth: int) -> Tensor:
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-            raise ValueError(f"depth must be an int >= 0, got {depth!r}")
+        check_int("depth", depth, lo=0)
         z = x.new_zeros(x.shape[0], self.width)  # z_0 = 0, (B, width)
         for _ in range(depth):
             z = self.layer(z, x)
@@ -188,8 +189,7 @@ def stacked_deq_layer(f1: Callable[[Tensor, Tensor], Tensor], f2: Callable[[Tens
     """
     if not (callable(f1) and callable(f2)):
         raise TypeError(f"f1 and f2 must be callables f(z, x), got {type(f1).__name__} and {type(f2).__name__}")
-    if isinstance(d1, bool) or not isinstance(d1, int) or d1 < 1:
-        raise ValueError(f"d1 (the width of the first DEQ's state) must be a positive int, got {d1!r}")
+    check_int("d1", d1, hint="the width of the first DEQ's state")
 
     def layer(z: Tensor, x: Tensor) -> Tensor:
         if z.dim() != 2 or z.shape[1] <= d1:

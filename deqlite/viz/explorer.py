@@ -191,7 +191,7 @@ class Explorer:
         script ``_static/deqlite/explorer.js`` (shipped by ``deqlite_book.sphinxext``,
         offline) applies the combination the sliders select together."""
         sliders, row = [], 90  # px per slider
-        for i, (name, values) in enumerate(self.grid.items()):
+        for name, values in self.grid.items():
             sliders.append(dict(
                 active=list(values).index(shown[name]), currentvalue=dict(prefix=f"{name} = "),
                 pad=dict(t=10, l=20, r=20), len=1.0, x=0, xanchor="left", y=0, yanchor="top",

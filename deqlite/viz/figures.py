@@ -17,6 +17,7 @@ from plotly.subplots import make_subplots
 
 from . import _data
 from .theme import COLORWAY, register
+from .._checks import check_number
 
 TINY = 1e-30  # residuals of exactly 0 are drawn here (log axes cannot show 0)
 MAX_SLIDER_STEPS = 60  # more steps only make the HTML larger
@@ -100,8 +101,7 @@ def add_tol_line(fig: go.Figure, tol: float, side: str = "left") -> go.Figure:
     at ``y = tol`` while annotations on a log axis take ``log10(y)``, so it floated far above
     the line (190-280 px in the book's figures).
     """
-    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol must be a positive finite number for a log axis, got {tol!r}")
+    check_number("tol", tol, lo=0.0, low_open=True, hint="a positive tolerance for a log axis")
     fig.add_hline(y=tol, line=dict(dash="dash", color="rgba(128,128,128,0.8)", width=1))
     fig.add_annotation(x=0 if side == "left" else 1, xref="x domain", y=math.log10(tol), yref="y",
                        text="tol", showarrow=False, xanchor=side, yanchor="top")
