@@ -98,6 +98,20 @@ def _leaves(x: Any) -> List[Tensor]:
     return []
 
 
+# keyword shortcuts for a named strategy's options -> the option they set
+_SHORTCUTS = {"backward_solver": "solver", "backward_tol": "tol", "backward_max_iter": "max_iter",
+              "backward_solver_options": "solver_options", "phantom_k": "k", "phantom_tau": "tau"}
+# keywords of earlier versions -> what to write instead
+_MOVED = {
+    "solver_options": "pass a solver object with its options, e.g. solver=deqlite.solvers.Anderson(m=3) "
+                      "or solver=deqlite.get_solver('anderson', m=3)",
+    "eval_solver": "use eval_solve=dict(solver=...)",
+    "eval_tol": "use eval_solve=dict(tol=...)",
+    "eval_max_iter": "use eval_solve=dict(max_iter=...)",
+    "eval_solver_options": "use eval_solve=dict(solver=<a solver object with its options>)",
+}
+
+
 class DEQ(nn.Module):
     """A deep equilibrium layer: returns ``z*`` with ``z* = f(z*, x)``.
 
@@ -106,17 +120,21 @@ class DEQ(nn.Module):
             anything ``f`` takes: a tensor, or a tuple/dict of tensors. The state ``z`` is a
             tensor ``(B, ...)``, or a tuple/list/dict of tensors with one batch size and
             dtype (solved as one vector; ``f`` returns the same structure).
-        solver, tol, max_iter, stop, solver_options: the forward solve in training mode
-            (see :func:`deqlite.solve`).
-        eval_solver, eval_tol, eval_max_iter, eval_solver_options: the same in eval mode
-            (default: the training values). Eval mode changes *only* these: if the input
-            or a parameter requires grad and grad mode is on, gradients still flow.
+        solver, tol, max_iter, stop: the forward solve in training mode (see
+            :func:`deqlite.solve`). ``solver`` is a name or a solver object with its options,
+            e.g. ``deqlite.solvers.Anderson(m=3)`` (or ``deqlite.get_solver("anderson", m=3)``).
+        eval_solve: the forward solve in eval mode, a dict with any of ``solver``, ``tol``,
+            ``max_iter``, ``stop`` (default: the training values), e.g.
+            ``eval_solve=dict(max_iter=60)``. Eval mode changes *only* this: if the input or a
+            parameter requires grad and grad mode is on, gradients still flow.
         backward: the gradient strategy: an object (:class:`deqlite.Implicit`,
             :class:`deqlite.JacobianFree`, :class:`deqlite.Phantom`, :class:`deqlite.Unrolled`
-            or any registered one) or its name (``"implicit"`` ...).
-        backward_solver, backward_tol, backward_max_iter, backward_solver_options, phantom_k, phantom_tau: shortcuts
-            that build the named strategy (defaults: the strategy's); only with a name, not
-            next to an object.
+            or any registered one, with its options) or its name (``"implicit"`` ...).
+        **shortcuts: with a strategy *name* only, its options as keywords (the chapters use
+            them): ``backward_solver``, ``backward_tol``, ``backward_max_iter``,
+            ``backward_solver_options`` (for ``"implicit"``), ``phantom_k``, ``phantom_tau``
+            (for ``"phantom"``); shortcuts of another strategy are ignored, so switching the
+            name keeps the rest.
         init: ``x -> z0`` for the default start; otherwise ``f.init_state(x)`` if ``f``
             has it, else ``zeros_like(x)`` (a tensor ``x`` only).
         warm_start: reuse the previous call's fixed point as the start when its shape
@@ -148,37 +166,22 @@ class DEQ(nn.Module):
         tol: float = 1e-4,
         max_iter: int = 30,
         stop: str = "rel",
-        solver_options: Optional[Dict[str, Any]] = None,
-        eval_solver: Union[str, Solver, None] = None,
-        eval_tol: Optional[float] = None,
-        eval_max_iter: Optional[int] = None,
-        eval_solver_options: Optional[Dict[str, Any]] = None,
+        eval_solve: Optional[Mapping[str, Any]] = None,
         backward: Union[str, GradientStrategy] = "implicit",
-        backward_solver: Union[str, Solver, None] = None,
-        backward_tol: Optional[float] = None,
-        backward_max_iter: Optional[int] = None,
-        backward_solver_options: Optional[Dict[str, Any]] = None,
-        phantom_k: Optional[int] = None,
-        phantom_tau: Optional[float] = None,
         init: Optional[Callable[[Any], State]] = None,
         warm_start: bool = False,
         on_failure: str = "warn",
         backward_callback: Optional[Callable[[SolverTrace], None]] = None,
+        **shortcuts: Any,
     ):
         super().__init__()
         if not callable(f):
             raise TypeError(f"f must be an nn.Module or callable f(z, x), got {type(f).__name__}")
         self.f = f
-        self.train_solve = self._solve_config(solver, tol, max_iter, stop, solver_options)
-        self.eval_solve = self._solve_config(
-            solver if eval_solver is None else eval_solver,
-            tol if eval_tol is None else eval_tol,
-            max_iter if eval_max_iter is None else eval_max_iter, stop,
-            solver_options if eval_solver_options is None and eval_solver is None else eval_solver_options)
-        shortcuts = {"solver": backward_solver, "tol": backward_tol, "max_iter": backward_max_iter,
-                     "solver_options": backward_solver_options, "k": phantom_k, "tau": phantom_tau}
-        self.gradient = self._gradient(backward, {k: v for k, v in shortcuts.items() if v is not None})
-        if self.gradient.through_solver and get_solver(solver, **(solver_options or {})).name == "newton":
+        self.train_solve = self._solve_config(solver, tol, max_iter, stop)
+        self.eval_solve = self._solve_config(**self._eval_settings(eval_solve, self.train_solve))
+        self.gradient = self._gradient(backward, self._shortcuts(shortcuts))
+        if self.gradient.through_solver and get_solver(solver).name == "newton":
             raise ValueError("backward='unrolled' cannot run through newton (its steps detach); "
                              "use another forward solver or backward='implicit'")
         if on_failure not in FAILURE_POLICIES:
@@ -193,16 +196,43 @@ class DEQ(nn.Module):
         self._last_packing: Optional[_Packing] = None
 
     @staticmethod
-    def _solve_config(solver: Any, tol: Any, max_iter: Any, stop: Any,
-                      options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    def _solve_config(solver: Any, tol: Any, max_iter: Any, stop: Any) -> Dict[str, Any]:
         """Validate one forward-solve setting now, not at the first call."""
-        cfg = dict(solver=solver, tol=tol, max_iter=max_iter, stop=stop, options=dict(options or {}))
-        get_solver(solver, **cfg["options"])
+        get_solver(solver)
         check_number("tol", tol, lo=0.0, low_open=True)
         check_int("max_iter", max_iter)
         if stop not in ("abs", "rel"):
             raise ValueError(f"stop must be 'abs' or 'rel', got {stop!r}")
-        return cfg
+        return dict(solver=solver, tol=tol, max_iter=max_iter, stop=stop)
+
+    @staticmethod
+    def _eval_settings(eval_solve: Any, train: Dict[str, Any]) -> Dict[str, Any]:
+        settings = {k: train[k] for k in ("solver", "tol", "max_iter", "stop")}
+        if eval_solve is None:
+            return settings
+        if not isinstance(eval_solve, Mapping):
+            raise TypeError(f"eval_solve must be a dict with any of solver, tol, max_iter, stop, "
+                            f"e.g. eval_solve=dict(max_iter=60); got {type(eval_solve).__name__}")
+        unknown = sorted(set(eval_solve) - set(settings))
+        if unknown:
+            raise TypeError(f"eval_solve got unknown keys {unknown}; valid: solver, tol, max_iter, stop")
+        return {**settings, **eval_solve}
+
+    @staticmethod
+    def _shortcuts(given: Dict[str, Any]) -> Dict[str, Any]:
+        """Map the keyword shortcuts onto the strategy options; name the fix for anything else."""
+        out = {}
+        for key, value in given.items():
+            if key in _SHORTCUTS:
+                if value is not None:
+                    out[_SHORTCUTS[key]] = value
+            elif key in _MOVED:
+                raise TypeError(f"DEQ no longer takes {key}=: {_MOVED[key]}")
+            else:
+                raise TypeError(f"DEQ got an unexpected keyword argument {key!r}; the gradient "
+                                f"strategy's options are set on it (e.g. backward=deqlite.Implicit(tol=1e-8)) "
+                                f"or through the shortcuts {', '.join(_SHORTCUTS)}")
+        return out
 
     @staticmethod
     def _gradient(backward: Any, shortcuts: Dict[str, Any]) -> GradientStrategy:
@@ -277,7 +307,7 @@ class DEQ(nn.Module):
             torch_cache = dict(parametrize._cache) if parametrize._cache_enabled else None
             z_star, trace = solve(fx, flat0, solver=cfg["solver"], tol=cfg["tol"], max_iter=cfg["max_iter"],
                                   stop=cfg["stop"], callback=callback, on_failure="ignore",
-                                  grad=unrolled, **cfg["options"])
+                                  grad=unrolled)
             if torch_cache is not None and not unrolled:
                 parametrize._cache.clear()
                 parametrize._cache.update(torch_cache)

@@ -1,6 +1,8 @@
 """The DEQ layer and its gradients, checked three ways in float64."""
 import pytest
 import torch
+
+import deqlite
 from torch import nn
 
 
@@ -147,7 +149,7 @@ def test_backward_trace_available_and_converged():
 
 def test_eval_mode_uses_eval_settings_but_never_detaches():
     f = TanhMap()
-    deq = make(f, "implicit", tol=1e-3, max_iter=3, eval_tol=1e-12, eval_max_iter=200)
+    deq = make(f, "implicit", tol=1e-3, max_iter=3, eval_solve=dict(tol=1e-12, max_iter=200))
     x = x_input()
     z_train, tr_train = deq(x)
     assert tr_train.n_steps <= 3
@@ -181,7 +183,7 @@ def test_deq_errors():
     with pytest.raises(ValueError, match="registered solvers"):
         DEQ(f, solver="brodyen")
     with pytest.raises(TypeError, match="valid options"):
-        DEQ(f, solver_options={"memory": 3})
+        DEQ(f, solver=deqlite.get_solver("anderson", memory=3))
     with pytest.raises(ValueError, match="newton"):
         DEQ(f, solver="newton", backward="unrolled")
     with pytest.raises(ValueError, match="phantom_k"):
