@@ -105,6 +105,7 @@ _SHORTCUTS = {"backward_solver": "solver", "backward_tol": "tol", "backward_max_
 _MOVED = {
     "solver_options": "pass a solver object with its options, e.g. solver=deqlite.solvers.Anderson(m=3) "
                       "or solver=deqlite.get_solver('anderson', m=3)",
+    "init": "the start is init_state=lambda x: z0 (the same name as the optional f.init_state(x))",
     "eval_solver": "use eval_solve=dict(solver=...)",
     "eval_tol": "use eval_solve=dict(tol=...)",
     "eval_max_iter": "use eval_solve=dict(max_iter=...)",
@@ -135,7 +136,7 @@ class DEQ(nn.Module):
             ``backward_solver_options`` (for ``"implicit"``), ``phantom_k``, ``phantom_tau``
             (for ``"phantom"``); shortcuts of another strategy are ignored, so switching the
             name keeps the rest.
-        init: ``x -> z0`` for the default start; otherwise ``f.init_state(x)`` if ``f``
+        init_state: ``x -> z0`` for the default start; otherwise ``f.init_state(x)`` if ``f``
             has it, else ``zeros_like(x)`` (a tensor ``x`` only).
         warm_start: reuse the previous call's fixed point as the start when its shape
             matches (fixed-point reuse across training steps or a sequence of inputs).
@@ -168,7 +169,7 @@ class DEQ(nn.Module):
         stop: str = "rel",
         eval_solve: Optional[Mapping[str, Any]] = None,
         backward: Union[str, GradientStrategy] = "implicit",
-        init: Optional[Callable[[Any], State]] = None,
+        init_state: Optional[Callable[[Any], State]] = None,
         warm_start: bool = False,
         on_failure: str = "warn",
         backward_callback: Optional[Callable[[SolverTrace], None]] = None,
@@ -187,7 +188,7 @@ class DEQ(nn.Module):
         if on_failure not in FAILURE_POLICIES:
             raise ValueError(f"on_failure must be one of {', '.join(map(repr, FAILURE_POLICIES))}, "
                              f"got {on_failure!r}")
-        self.init = init
+        self.init_state = init_state
         self.warm_start = warm_start
         self.on_failure = on_failure
         self.backward_callback = backward_callback
@@ -259,14 +260,14 @@ class DEQ(nn.Module):
                 f"eval_max_iter={e['max_iter']}, backward={self.backward!r}")
 
     def initial_state(self, x: Any) -> State:
-        if self.init is not None:
-            return self.init(x)
+        if self.init_state is not None:
+            return self.init_state(x)
         if hasattr(self.f, "init_state"):
             return self.f.init_state(x)  # type: ignore[union-attr]
         if isinstance(x, Tensor):
             return torch.zeros_like(x)
         raise TypeError(f"the input x is a {type(x).__name__}, so the state's shape cannot be "
-                        f"guessed: pass DEQ(f, init=lambda x: ...) or give f an init_state(x) method "
+                        f"guessed: pass DEQ(f, init_state=lambda x: ...) or give f an init_state(x) method "
                         f"(or pass z0 to the call)")
 
     def _record_backward(self, trace: SolverTrace) -> None:

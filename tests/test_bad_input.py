@@ -159,6 +159,7 @@ add("DEQ/eval_solve-not-dict", lambda: DEQ(Cell(), eval_solve=60), Err(TypeError
 add("DEQ/eval_solve-unknown-key", lambda: DEQ(Cell(), eval_solve=dict(maxiter=60)), Err(TypeError, "valid: solver, tol, max_iter, stop"))
 add("DEQ/eval_max_iter-moved", lambda: DEQ(Cell(), eval_max_iter=60), Err(TypeError, "eval_solve=dict(max_iter=...)"))
 add("DEQ/unknown-keyword", lambda: DEQ(Cell(), backwrd_tol=1e-3), Err(TypeError, "unexpected keyword argument 'backwrd_tol'"))
+add("DEQ/init-moved", lambda: DEQ(Cell(), init=lambda x: x), Err(TypeError, "init_state=lambda x: z0"))
 add("DEQ/tol=0", lambda: DEQ(Cell(), tol=0), Err(ValueError, "tol must be a finite number in (0.0, inf)"))
 add("DEQ/eval_tol=-1", lambda: DEQ(Cell(), eval_solve=dict(tol=-1)), Err(ValueError, "tol must be a finite number in (0.0, inf)"))
 add("DEQ/max_iter=0", lambda: DEQ(Cell(), max_iter=0), Err(ValueError, "max_iter must be an integer >= 1"))

@@ -51,7 +51,7 @@ def test_multi_tensor_state_equals_single_tensor(as_dict, backward):
     zeros = torch.zeros(4, D, dtype=torch.float64)
     init = (lambda x: {"u": zeros, "v": zeros}) if as_dict else (lambda x: (zeros, zeros))
     opts = dict(tol=1e-12, max_iter=200, backward=backward)
-    structured = DEQ(f, init=init, **opts)
+    structured = DEQ(f, init_state=init, **opts)
     single = DEQ(f.flat, **opts)
     z_s, tr = structured(x)
     u, v = (z_s["u"], z_s["v"]) if as_dict else z_s
@@ -67,7 +67,7 @@ def test_multi_tensor_state_equals_single_tensor(as_dict, backward):
 def test_dict_injection_and_gradcheck_through_tuple_state():
     f = TwoPart()
     zeros = torch.zeros(2, D, dtype=torch.float64)
-    deq = DEQ(f, init=lambda x: (zeros, zeros), tol=1e-13, max_iter=300, backward=Implicit(tol=1e-13, max_iter=300))
+    deq = DEQ(f, init_state=lambda x: (zeros, zeros), tol=1e-13, max_iter=300, backward=Implicit(tol=1e-13, max_iter=300))
     a = torch.randn(2, D, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, D, dtype=torch.float64)
 
@@ -116,16 +116,16 @@ def test_bad_strategy_inputs():
 
 def test_structured_state_errors_name_the_fix():
     f = lambda z, x: z  # noqa: E731
-    with pytest.raises(TypeError, match="init=lambda x"):
+    with pytest.raises(TypeError, match="init_state=lambda x"):
         DEQ(f)({"a": torch.zeros(2, 3)})
     with pytest.raises(ValueError, match="same batch size"):
-        DEQ(f, init=lambda x: (torch.zeros(2, 3), torch.zeros(3, 3)))(torch.zeros(2, 3))
+        DEQ(f, init_state=lambda x: (torch.zeros(2, 3), torch.zeros(3, 3)))(torch.zeros(2, 3))
     with pytest.raises(TypeError, match="one dtype"):
-        DEQ(f, init=lambda x: (torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float64)))(torch.zeros(2, 3))
+        DEQ(f, init_state=lambda x: (torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float64)))(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="f must return a tuple of 2 tensors"):
-        DEQ(lambda z, x: z[0], init=lambda x: (torch.zeros(2, 3), torch.zeros(2, 3)))(torch.zeros(2, 3))
+        DEQ(lambda z, x: z[0], init_state=lambda x: (torch.zeros(2, 3), torch.zeros(2, 3)))(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="state's keys"):
-        DEQ(lambda z, x: {"b": z["a"]}, init=lambda x: {"a": torch.zeros(2, 3)})(torch.zeros(2, 3))
+        DEQ(lambda z, x: {"b": z["a"]}, init_state=lambda x: {"a": torch.zeros(2, 3)})(torch.zeros(2, 3))
 
 
 def test_a_new_strategy_registers_and_runs():
@@ -150,7 +150,7 @@ def test_a_new_strategy_registers_and_runs():
 def test_warm_start_with_tuple_state():
     f = TwoPart()
     zeros = torch.zeros(4, D, dtype=torch.float64)
-    deq = DEQ(f, init=lambda x: (zeros, zeros), warm_start=True, tol=1e-10, max_iter=100)
+    deq = DEQ(f, init_state=lambda x: (zeros, zeros), warm_start=True, tol=1e-10, max_iter=100)
     x = _x()
     with torch.no_grad():
         _, first = deq(x)
