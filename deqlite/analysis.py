@@ -53,7 +53,7 @@ def step_deltas(traj: ArrayLike) -> np.ndarray:
 
 def delta_profile(traj: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation over the batch of ``|z_{t+1} - z_t|``: two ``(T - 1, D)``
-    arrays (Fig. 1e of seed 000: one curve per dimension, shaded by the spread over inputs)."""
+    arrays (Fig. 1e of the DeltaDEQ paper: one curve per dimension, shaded by the spread over inputs)."""
     d = step_deltas(traj)
     return d.mean(axis=1), d.std(axis=1)
 
@@ -114,7 +114,7 @@ class PCAResult:
         projected: ``(T, B, k)`` the trajectories in the first ``k`` principal components.
         components: ``(k, D)`` principal directions.
         explained_variance_ratio: ``(min(T*B, D),)`` for every component.
-        cumulative: its cumulative sum (Fig. 1c of seed 000).
+        cumulative: its cumulative sum (Fig. 1c of the DeltaDEQ paper).
         mean: ``(D,)`` the centre.
     """
 
@@ -133,7 +133,7 @@ def trajectory_pca(traj: ArrayLike, n_components: int = 2) -> PCAResult:
     """PCA (by SVD of the centred states) of every state in ``traj`` ``(T, B, D)``.
 
     The states of all steps and samples are pooled, so the projected trajectories of
-    different inputs share one coordinate system (Fig. 1b of seed 000).
+    different inputs share one coordinate system (Fig. 1b of the DeltaDEQ paper).
     """
     arr = _as_traj(traj)
     T, B, D = arr.shape

@@ -49,8 +49,9 @@ def cosine(B: int = 3, dtype: torch.dtype = torch.float64) -> Problem:
 
 def tanh_layer(D: int = 256, B: int = 64, rho: float = 0.9, seed: int = 0,
                dtype: torch.dtype = torch.float32) -> Problem:
-    """P1: ``f(z) = tanh(W z + U x + b)``, ``W`` Gaussian rescaled to spectral norm ``rho``,
-    ``U`` Gaussian / sqrt(D), ``x ~ N(0, 1)``, ``b ~ N(0, 0.01)``."""
+    """``f(z) = tanh(W z + U x + b)``, ``W`` Gaussian rescaled to spectral norm ``rho``,
+    ``U`` Gaussian / sqrt(D), ``x ~ N(0, 1)``, ``b ~ N(0, 0.01)`` (problem name ``"P1"`` in
+    the solver benchmark)."""
     g = _gen(seed)
     W = spectral_rescale(torch.randn(D, D, generator=g, dtype=torch.float64), rho).to(dtype)
     U = (torch.randn(D, D, generator=g, dtype=torch.float64) / D ** 0.5).to(dtype)
@@ -68,9 +69,10 @@ def _orthogonal(D: int, g: torch.Generator) -> Tensor:
 
 def expansive_tanh(D: int = 256, B: int = 64, scale: float = 1.5, averaged: bool = True,
                    seed: int = 0, dtype: torch.dtype = torch.float32) -> Problem:
-    """P2 (``averaged=True``): ``f(z) = z + 0.5 (tanh(W z + U x + b) - z)`` with ``W`` = 1.5 x
-    a random orthogonal matrix. P2b (``averaged=False``): plain ``tanh(W z + U x + b)``,
-    where plain iteration stalls (``W`` is expansive)."""
+    """With ``averaged=True``, ``f(z) = z + 0.5 (tanh(W z + U x + b) - z)`` with ``W`` = 1.5 x
+    a random orthogonal matrix; with ``averaged=False`` the plain ``tanh(W z + U x + b)``,
+    where plain iteration stalls (``W`` is expansive). Problem names ``"P2"`` and ``"P2b"`` in
+    the solver benchmark."""
     g = _gen(seed)
     W = (scale * _orthogonal(D, g)).to(dtype)
     U = (torch.randn(D, D, generator=g, dtype=torch.float64) / D ** 0.5).to(dtype)
@@ -89,8 +91,9 @@ def expansive_tanh(D: int = 256, B: int = 64, scale: float = 1.5, averaged: bool
 
 def conv_groupnorm(B: int = 32, C: int = 16, H: int = 8, seed: int = 0, w_std: float = 0.06,
                    dtype: torch.dtype = torch.float32) -> Problem:
-    """P3: ``f(z) = relu(GroupNorm(4, C)(conv3x3(z) + conv3x3(x)))`` on ``(B, C, H, H)`` states,
-    the z-convolution's weights ``~ N(0, w_std^2)``, ``x ~ N(0, 1)``."""
+    """``f(z) = relu(GroupNorm(4, C)(conv3x3(z) + conv3x3(x)))`` on ``(B, C, H, H)`` states,
+    the z-convolution's weights ``~ N(0, w_std^2)``, ``x ~ N(0, 1)`` (problem name ``"P3"`` in
+    the solver benchmark)."""
     g = _gen(seed)
     conv_z = nn.Conv2d(C, C, 3, padding=1, bias=False).to(dtype)
     conv_x = nn.Conv2d(C, C, 3, padding=1).to(dtype)

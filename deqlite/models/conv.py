@@ -1,6 +1,6 @@
 """A small convolutional DEQ classifier with the delta rule in both of its convolutions.
 
-DeltaDEQ (seed 000, Fig. 2) applies the delta rule to the convolutions of DEQ-RAFT. This is
+DeltaDEQ (Fig. 2 of the paper) applies the delta rule to the convolutions of DEQ-RAFT. This is
 the smallest setting that shows the same thing: an 8x8 digit, one channel, lifted to ``C``
 channels, and a fixed point of two 3x3 convolutions::
 

@@ -1,4 +1,4 @@
-"""The tiny recurrent cell behind DeltaDEQ's Fig. 1 (seed 000, App. A.1).
+"""The tiny recurrent cell behind DeltaDEQ's Fig. 1 (App. A.1 of the DeltaDEQ paper).
 
 A 20-unit tanh RNN cell is iterated ``n_iter = 15`` times on a constant scalar input and read
 out linearly; it is fitted to ``sin(x)`` on 200 points in [-2 pi, 2 pi]. Iterating a cell on a
