@@ -16,8 +16,6 @@ from dataclasses import dataclass, fields, replace
 from types import MappingProxyType
 from typing import Any
 
-from .._checks import check_choice
-
 __all__ = ["MEMORY_RULES", "DeltaConfig", "active_configs"]
 
 MEMORY_RULES = ("reset", "accumulate")
@@ -34,12 +32,11 @@ def check_threshold(name: str, value: Any) -> float:
 
 def check_memory(value: Any) -> str:
     """One of :data:`MEMORY_RULES`; the message says what each rule keeps."""
-    try:
-        return check_choice("memory", value, MEMORY_RULES)
-    except ValueError as err:
-        raise ValueError(f"{err} ('reset': the cache takes the full new input, as in the "
-                         f"DeltaDEQ release; 'accumulate': only the entries that fired, as in "
-                         f"the delta RNN)") from None
+    if value not in MEMORY_RULES:  # check_choice's format, with what the rules mean
+        raise ValueError(f"memory must be one of 'reset', 'accumulate' ('reset': the cache takes "
+                         f"the full new input, as in the DeltaDEQ release; 'accumulate': only the "
+                         f"entries that fired, as in the delta RNN); got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -365,13 +365,15 @@ def time_sequence(model: DEQINR, coords: Tensor, pixels: Tensor, frames: list[Te
                 u, h = model.injection(coords[idx])
                 z = torch.zeros(idx.numel(), model.width, dtype=u.dtype, device=u.device) if z_prev is None \
                     else z_prev.index_select(0, follow_pixels(n_pix, idx_prev, idx))
-                for k in range(max_iter):
+                k = 0
+                while k < max_iter:
+                    k += 1
                     z_new = model.activate(F.linear(z + u, W, b), h)
                     rel = (z_new - z).norm(dim=1) / z_new.norm(dim=1).clamp_min(1e-30)
                     z = z_new
                     if bool((rel <= tol).all()):
                         break
-                iters.append(k + 1)
+                iters.append(k)
                 out = model.readout(z)
                 ps.append(out)
                 z_prev, idx_prev = z, idx

@@ -214,7 +214,8 @@ def _dense_picard(model: DEQINR, x: Tensor, *, max_iter: int, tol: float | None,
         W, b = model.layer.weight, model.layer.bias
         z = torch.zeros(x.shape[0], model.width, dtype=u.dtype, device=u.device)
         k = 0
-        for k in range(1, max_iter + 1):
+        while k < max_iter:
+            k += 1
             z_new = model.activate(F.linear(z + u, W, b), h)
             if tol is not None:
                 rel = torch.linalg.vector_norm(z_new - z, dim=1) / \
