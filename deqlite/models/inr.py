@@ -132,7 +132,6 @@ class DEQINR(nn.Module):
         self.readout = nn.Linear(width, out_dim)
         self.readout.weight = uniform((out_dim, width), 1.0 / math.sqrt(width))
         self.readout.bias = nn.Parameter(torch.zeros(out_dim))
-        self._deqs: dict[str, DEQ] = {}  # one DEQ per solve setting (not submodules: no state)
 
     def injection(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(u(x), h(x))`` for ``x`` ``(B, in_dim)``, both ``(B, D)``: the injected term and the
@@ -156,14 +155,11 @@ class DEQINR(nn.Module):
         return self.activate(self.layer(z + u), h)  # the delta rule lives in self.layer
 
     def _deq(self, solver: str, tol: float, max_iter: int, options: dict[str, Any]) -> DEQ:
-        key = repr((solver, tol, max_iter, sorted(options.items())))
-        if key not in self._deqs:
-            # Jacobian-free gradient: one application of f at z*; failures only recorded
-            # in the trace (the INR is used with capped solves on purpose)
-            self._deqs[key] = DEQ(lambda z, inj: self.f(z, *inj), solver=solver, tol=tol,
-                                  max_iter=max_iter, solver_options=options,
-                                  backward=_JacobianFreeKeep(), on_failure="ignore")
-        return self._deqs[key]
+        # Built per call (cheap next to a solve: no state is kept on the model, so it pickles
+        # and deep-copies as before). Jacobian-free gradient: one application of f at z*;
+        # failures only recorded in the trace (capped solves are used on purpose here).
+        return DEQ(lambda z, inj: self.f(z, *inj), solver=solver, tol=tol, max_iter=max_iter,
+                   solver_options=options, backward=_JacobianFreeKeep(), on_failure="ignore")
 
     def forward(self, x: Tensor, z0: Tensor | None = None, *, solver: str = "km",
                 tol: float = 1e-3, max_iter: int = 100, keep_cache: bool = False,
