@@ -124,7 +124,7 @@ INFER_THRESHOLDS = [0.0, 0.01, 0.03, 0.1, 0.2, 0.3]
 def bench_inference(net, coords, pixels, args) -> dict:
     """Issue 14 item 4: whole early-stopped inference, delta against dense, MACs and time."""
     r = time_inference(net, coords, pixels, INFER_THRESHOLDS, repeats=args.repeats, warmup=2)
-    km, pic = r["dense_km"], r["dense_picard"]
+    pic = r["dense_picard"]
     rows = r["delta"]
     hits = [q["threshold"] for q in rows if q["speedup_vs_km"] >= 2.0
             and q["mac_reduction_vs_km"] >= 0.8 and q["psnr_drop_vs_km"] <= 1.0]
