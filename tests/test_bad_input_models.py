@@ -48,7 +48,7 @@ add("delta/to_delta-str", lambda: delta.to_delta("model"), Err(TypeError, "to_de
 add("delta/to_delta-linear", lambda: type(delta.to_delta(nn.Linear(2, 2))).__name__, Ok(lambda n: n == "DeltaLinear"))
 add("delta/to_delta-parametrized", lambda: delta.to_delta(nn.utils.parametrizations.weight_norm(nn.Linear(2, 2))), Err(ValueError, "parametrized"))
 add("delta/configure-threshold-str", lambda: delta.configure(inr(), threshold="a"), Err(ValueError, "threshold must be"))
-add("delta/configure-ok", lambda: delta.configure(inr(), threshold=0.2) is None, Ok())
+add("delta/configure-ok", lambda: delta.configure(inr(), threshold=0.2), Ok(lambda old: old["threshold"] == 0.0 and old["enabled"] is False))
 add("delta/config-threshold<0", lambda: delta.DeltaConfig(threshold=-1), Err(ValueError, "threshold must be a finite number >= 0"))
 add("delta/config-unknown-field", lambda: delta.DeltaConfig().replace(treshold=0.1), Err(TypeError, "DeltaConfig has no field(s) ['treshold']"))
 add("delta/mode-sparse-groups", lambda: delta.delta_mode(DeltaConv2d(2, 2, 3, groups=2), 0.1, sparse=True).__enter__(), Err(ValueError, "use sparse=False"))
