@@ -8,7 +8,7 @@ repeated runs after warm-up, dense and delta runs interleaved:
 
 * ``layer``: the KM loop with the layer's sparse path (gathers fired samples and columns);
 * ``compact``: Picard iteration carrying the delta rule through the whole map, so samples
-  that stopped firing are skipped entirely (:func:`deqlite.models.inr.delta_picard_compact`),
+  that stopped firing are skipped entirely (:func:`deqlite.delta.delta_picard_compact`),
   against the dense Picard loop run for the dense solve's iteration count.
 
 Goal (issue 6): >= 2x faster DEQ iterations at >= 80% sparsity. A section repeats
@@ -39,18 +39,15 @@ import torch
 
 from deqlite.data import camera_image, load_digits_tensors, pan_windows
 from deqlite.models.conv import ConvDEQ, evaluate_conv_delta, fit_conv_deq
-from deqlite.models.inr import (
-    DEQFourier,
-    DEQSiren,
+from deqlite.delta import (
     delta_picard_compact,
     evaluate_delta,
-    fit_inr,
-    psnr,
     time_compact,
     time_inference,
     time_iterations,
     time_sequence,
 )
+from deqlite.models.inr import DEQFourier, DEQSiren, fit_inr, psnr
 
 THRESHOLDS = [0.0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.2, 0.3]
 TIMED = [1e-2, 3e-2, 0.1, 0.2, 0.3]
@@ -127,7 +124,7 @@ INFER_THRESHOLDS = [0.0, 0.01, 0.03, 0.1, 0.2, 0.3]
 def bench_inference(net, coords, pixels, args) -> dict:
     """Issue 14 item 4: whole early-stopped inference, delta against dense, MACs and time."""
     r = time_inference(net, coords, pixels, INFER_THRESHOLDS, repeats=args.repeats, warmup=2)
-    km, pic = r["dense_km"], r["dense_picard"]
+    pic = r["dense_picard"]
     rows = r["delta"]
     hits = [q["threshold"] for q in rows if q["speedup_vs_km"] >= 2.0
             and q["mac_reduction_vs_km"] >= 0.8 and q["psnr_drop_vs_km"] <= 1.0]

@@ -30,6 +30,7 @@ _LAZY_ATTRS = {
     "make_contractive": "regularize",
     "DeltaLinear": "delta",
     "DeltaConv2d": "delta",
+    "DeltaConfig": "delta",
     "delta_mode": "delta",
     "mac_summary": "delta",
     "HyperSolver": "hyper",
@@ -49,5 +50,5 @@ def __getattr__(name: str) -> Any:
 __all__ = ["solve", "SolverTrace", "StepInfo", "Solver", "ConvergenceError", "available_solvers",
            "get_solver", "register_solver", "DEQ", "Implicit", "JacobianFree", "Phantom", "Unrolled",
            "GradientStrategy", "register_gradient", "available_gradients", "diagnose", "spectral_radius",
-           "jacobian_frobenius", "make_contractive", "DeltaLinear", "DeltaConv2d", "delta_mode",
+           "jacobian_frobenius", "make_contractive", "DeltaLinear", "DeltaConv2d", "DeltaConfig", "delta_mode",
            "mac_summary", "HyperSolver", "train_hypersolver", "hyper_solve"]

@@ -4,15 +4,17 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F_
 from torch import Tensor
 
+from ._checks import check_int, check_number
 from .solvers import SolverTrace, solve
 
-__all__ = ["spectral_radius", "jacobian_norm", "Diagnosis", "diagnose"]
+__all__ = ["spectral_radius", "jacobian_norm", "Diagnosis", "diagnose", "GradientCheck",
+           "finite_difference_check"]
 
 
 def _flat_f(f: Callable[[Tensor], Tensor], z: Tensor):
@@ -170,7 +172,6 @@ def diagnose(f: Callable[[Tensor], Tensor], z0: Tensor, trace: Optional[SolverTr
         _, trace = solve(f, z0, solver=solver if trace is None else _solver_name(trace, solver),
                          tol=tol if trace is None else trace.tol, max_iter=max_iter if trace is None else max(trace.n_steps, 2),
                          return_iterates=True, on_failure="ignore")
-    res = trace.residual
     worst = int(torch.nan_to_num(trace.best_residual, nan=math.inf).argmax())
     best = trace.iterates[int(trace.best_step[worst].clamp_min(0))]
     rho = float(spectral_radius(f, best)[worst])
@@ -222,3 +223,73 @@ def diagnose(f: Callable[[Tensor], Tensor], z0: Tensor, trace: Optional[SolverTr
 def _solver_name(trace: SolverTrace, default: str) -> str:
     from .solvers import SOLVERS
     return trace.solver if trace.solver in SOLVERS else default
+
+
+@dataclass
+class GradientCheck:
+    """Result of :func:`finite_difference_check`: per direction ``v``, the central finite
+    difference of the loss and the directional derivative ``<grad, v>``, and their relative
+    error ``||exact - fd|| / ||fd||`` over all directions."""
+
+    finite_differences: List[float]
+    directional: List[float]
+    rel_error: float
+    eps: float
+
+
+def finite_difference_check(loss: Callable[[], Union[Tensor, float]], params: Sequence[Tensor],
+                            grad: Union[Tensor, Sequence[Tensor]], *, n_directions: int = 8,
+                            eps: float = 1e-5, seed: int = 0) -> GradientCheck:
+    """Check a gradient against central finite differences of the loss along random directions.
+
+    For ``n_directions`` random directions ``v`` in parameter space (standard normal, drawn
+    from a generator seeded with ``seed``), compares
+    ``(L(theta + eps v) - L(theta - eps v)) / (2 eps)`` with ``<grad, v>``. The parameters are
+    shifted in place and restored after each evaluation (under ``no_grad``). Use float64:
+    the finite differences are accurate to about ``eps^2`` plus rounding ``/ eps``.
+
+    Args:
+        loss: a function of no arguments that evaluates the loss at the current ``params``.
+        params: the tensors the gradient is taken with respect to (e.g. ``list(model.parameters())``).
+        grad: the gradient to check, flattened and concatenated in the order of ``params``
+            (``(n,)``), or one tensor per parameter.
+
+    Example:
+        >>> w = torch.tensor([1.0, -2.0], dtype=torch.float64)
+        >>> check = finite_difference_check(lambda: (w ** 2).sum(), [w], 2 * w)
+        >>> check.rel_error < 1e-8
+        True
+    """
+    if not callable(loss):
+        raise TypeError(f"loss must be a function of no arguments returning the loss, got {type(loss).__name__}")
+    params = list(params)
+    if not params or not all(isinstance(p, Tensor) and p.is_floating_point() for p in params):
+        raise TypeError("params must be a non-empty sequence of floating-point tensors "
+                        "(e.g. list(model.parameters()))")
+    check_int("n_directions", n_directions)
+    check_number("eps", eps, lo=0.0, low_open=True)
+    sizes = [p.numel() for p in params]
+    flat = grad if isinstance(grad, Tensor) else torch.cat([g.reshape(-1) for g in grad])
+    if flat.numel() != sum(sizes):
+        raise ValueError(f"grad has {flat.numel()} entries but params have {sum(sizes)}; pass the "
+                         f"gradient of exactly these parameters, flattened in their order")
+    flat = flat.reshape(-1).to(params[0].dtype)
+    gen = torch.Generator().manual_seed(seed)
+    fd: List[float] = []
+    exact: List[float] = []
+    with torch.no_grad():
+        for _ in range(n_directions):
+            v = torch.randn(sum(sizes), generator=gen, dtype=params[0].dtype)
+            shifts = torch.split(v, sizes)
+            losses = []
+            for sign in (1.0, -1.0):
+                for p, s in zip(params, shifts):
+                    p.add_(sign * eps * s.view_as(p).to(p.device))
+                losses.append(float(loss()))
+                for p, s in zip(params, shifts):
+                    p.sub_(sign * eps * s.view_as(p).to(p.device))
+            fd.append((losses[0] - losses[1]) / (2 * eps))
+            exact.append(float(flat.cpu() @ v))
+    fd_t = torch.tensor(fd, dtype=torch.float64)
+    err = float((torch.tensor(exact, dtype=torch.float64) - fd_t).norm() / fd_t.norm())
+    return GradientCheck(fd, exact, err, eps)

@@ -32,7 +32,7 @@ add("delta/threshold<0", lambda: DeltaLinear(3, 3, threshold=-1), Err(ValueError
 add("delta/threshold-nan", lambda: DeltaLinear(3, 3, threshold=float("nan")), Err(ValueError, "threshold must be a finite number >= 0"))
 add("delta/threshold-str", lambda: DeltaLinear(3, 3, threshold="0.1"), Err(ValueError, "threshold must be a finite number >= 0"))
 add("delta/train_threshold<0", lambda: DeltaLinear(3, 3, train_threshold=-0.1), Err(ValueError, "train_threshold must be"))
-add("delta/memory-typo", lambda: DeltaLinear(3, 3, memory="keep"), Err(ValueError, "memory must be one of ('reset', 'accumulate')"))
+add("delta/memory-typo", lambda: DeltaLinear(3, 3, memory="keep"), Err(ValueError, "memory must be one of 'reset', 'accumulate'"))
 add("delta/in_features=0", lambda: DeltaLinear(0, 3), Err(ValueError, "in_features must be an integer >= 1"))
 add("delta/out_features=2.0", lambda: DeltaLinear(3, 2.0), Err(ValueError, "out_features must be an integer >= 1"))
 add("delta/input-width", lambda: DeltaLinear(3, 3)(torch.zeros(2, 4)), Err(ValueError, "a.reshape(-1, 3)"))
@@ -48,7 +48,10 @@ add("delta/to_delta-str", lambda: delta.to_delta("model"), Err(TypeError, "to_de
 add("delta/to_delta-linear", lambda: type(delta.to_delta(nn.Linear(2, 2))).__name__, Ok(lambda n: n == "DeltaLinear"))
 add("delta/to_delta-parametrized", lambda: delta.to_delta(nn.utils.parametrizations.weight_norm(nn.Linear(2, 2))), Err(ValueError, "parametrized"))
 add("delta/configure-threshold-str", lambda: delta.configure(inr(), threshold="a"), Err(ValueError, "threshold must be"))
-add("delta/configure-ok", lambda: delta.configure(inr(), threshold=0.2) is None, Ok())
+add("delta/configure-ok", lambda: delta.configure(inr(), threshold=0.2), Ok(lambda old: old["threshold"] == 0.0 and old["enabled"] is False))
+add("delta/config-threshold<0", lambda: delta.DeltaConfig(threshold=-1), Err(ValueError, "threshold must be a finite number >= 0"))
+add("delta/config-unknown-field", lambda: delta.DeltaConfig().replace(treshold=0.1), Err(TypeError, "DeltaConfig has no field(s) ['treshold']"))
+add("delta/mode-sparse-groups", lambda: delta.delta_mode(DeltaConv2d(2, 2, 3, groups=2), 0.1, sparse=True).__enter__(), Err(ValueError, "use sparse=False"))
 
 
 def _delta_equals_dense():
@@ -62,16 +65,16 @@ def _delta_equals_dense():
 
 
 # ------------------------------------------------------------------ INR models
-add("inr/width=0", lambda: models.DEQFourier(width=0), Err(ValueError, "width must be a positive int"))
-add("inr/kind-typo", lambda: models.DEQINR(kind="fourrier"), Err(ValueError, "kind must be 'fourier' or 'siren'"))
-add("inr/resolution=-1", lambda: models.DEQSiren(resolution=-1), Err(ValueError, "resolution must be a positive int"))
+add("inr/width=0", lambda: models.DEQFourier(width=0), Err(ValueError, "width must be an integer >= 1, got 0"))
+add("inr/kind-typo", lambda: models.DEQINR(kind="fourrier"), Err(ValueError, "kind must be one of 'fourier', 'siren'; got 'fourrier'"))
+add("inr/resolution=-1", lambda: models.DEQSiren(resolution=-1), Err(ValueError, "resolution must be an integer >= 1, got -1"))
 add("inr/x-shape", lambda: inr()(torch.zeros(3, 3)), Err(ValueError, "x must have shape (B, 2)"))
 add("inr/z0-shape", lambda: inr()(P2(3), z0=torch.zeros(3, 5)), Err(ValueError, "z0 must have shape (3, 8)"))
 add("inr/forward-shapes", lambda: tuple(inr()(P2(5))[0].shape), Ok(lambda s: s == (5, 1)))
 add("inr/W-gets-grad", lambda: _inr_w_grad(), Ok(lambda g: g is not None and float(g.abs().sum()) > 0))
 add("inr/psnr-shape", lambda: models.psnr(torch.zeros(3), torch.zeros(4)), Err(ValueError, "same shape"))
 add("inr/psnr-identical", lambda: models.psnr(torch.zeros(3), torch.zeros(3)), Ok(lambda v: v == float("inf")))
-add("inr/fit-steps=0", lambda: models.fit_inr(inr(), P2(), PX(), steps=0), Err(ValueError, "steps must be a positive int"))
+add("inr/fit-steps=0", lambda: models.fit_inr(inr(), P2(), PX(), steps=0), Err(ValueError, "steps must be an integer >= 1, got 0"))
 add("inr/fit-rows", lambda: models.fit_inr(inr(), P2(4), PX(5), steps=1), Err(ValueError, "same number of rows"))
 add("inr/evaluate-threshold<0", lambda: models.evaluate_delta(inr(), P2(), PX(), -1.0), Err(ValueError, "threshold must be"))
 add("inr/sine-rnn-hidden=0", lambda: models.SineRNN(hidden=0), Err(ValueError, "hidden must be an integer >= 1"))

@@ -325,3 +325,76 @@ def test_reindex_cache_moves_rows():
     assert torch.equal(y2, y[[2, 0, 1]]) and lin.records[-1].performed_macs == 0
     with pytest.raises(ValueError, match="1-D long tensor"):
         lin.reindex_cache(torch.tensor([[0]]))
+
+
+# -- the settings as data: DeltaConfig bound by delta_mode, never written into the layers ----
+
+def test_delta_mode_binds_a_config_and_writes_nothing_into_the_layers():
+    from deqlite.delta import DeltaConfig
+
+    net = nn.Sequential(DeltaLinear(3, 3, enabled=False), nn.Tanh(), DeltaLinear(3, 2, enabled=False))
+    own = [m.config for m in delta_layers(net)]
+    with delta_mode(net, threshold=0.2, memory="accumulate", sparse=True):
+        for m in delta_layers(net):
+            assert m.config is own[delta_layers(net).index(m)]  # the layer's own config: untouched
+            assert m.settings == DeltaConfig(True, 0.2, 0.2, "accumulate", True, True, False)
+            assert m.active_threshold == 0.2 and not m.enabled  # .enabled reads the own config
+        with delta_mode(net, threshold=0.5, train_threshold=0.1):  # blocks nest
+            assert net[0].settings.threshold == 0.5 and net[0].settings.memory == "reset"
+            net.train()
+            assert net[0].active_threshold == 0.1
+            net.eval()
+        assert net[0].settings.threshold == 0.2  # the outer binding is back
+    assert [m.settings for m in delta_layers(net)] == own
+
+
+def test_delta_mode_unbinds_when_the_block_raises():
+    lin = DeltaLinear(2, 2, enabled=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        with delta_mode(lin, threshold=0.3):
+            lin(torch.zeros(1, 2))
+            raise RuntimeError("boom")
+    assert lin.settings is lin.config and lin._a_prev is None and not lin.settings.enabled
+
+
+def test_delta_mode_none_runs_dense_and_records():
+    torch.manual_seed(0)
+    lin = DeltaLinear(4, 3, threshold=0.5)  # enabled by default: the block still runs it dense
+    x = torch.randn(2, 4)
+    with torch.no_grad(), delta_mode(lin, None, record_fired=True):
+        lin(x)
+        lin(x + 1e-3)
+    s = mac_summary(lin)
+    assert s.performed.tolist() == s.dense.tolist() and s.fired_per_dim.shape == (2, 4)
+    assert lin.settings.enabled and lin.threshold == 0.5  # the own config again
+
+
+def test_a_thread_sees_its_own_bindings():
+    """The binding lives in a context variable: a worker thread started inside the block runs
+    the layer on its own config (documented in delta_mode)."""
+    import threading
+
+    lin = DeltaLinear(2, 2, enabled=False)
+    seen = []
+    with delta_mode(lin, threshold=0.4):
+        t = threading.Thread(target=lambda: seen.append(lin.settings.enabled))
+        t.start()
+        t.join()
+        seen.append(lin.settings.enabled)
+    assert seen == [False, True]
+
+
+def test_layer_attributes_replace_the_own_config_and_are_validated():
+    from deqlite.delta import DeltaConfig
+
+    lin = DeltaLinear(2, 2, threshold=0.1)
+    lin.threshold = 0.3
+    assert lin.config == DeltaConfig(threshold=0.3, train_threshold=0.1)
+    with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
+        lin.threshold = -1.0
+    with pytest.raises(ValueError, match="memory must be one of 'reset', 'accumulate'"):
+        DeltaConfig(memory="keep")
+    with pytest.raises(TypeError, match="has no field"):
+        DeltaConfig().replace(treshold=0.1)
+    old = configure(nn.Sequential(lin), threshold=0.2, memory="accumulate")
+    assert old["threshold"] == 0.3 and lin.config.memory == "accumulate" and lin.threshold == 0.2

@@ -5,8 +5,17 @@
 * :mod:`deqlite.models.conv`: a small convolutional DEQ classifier with delta convolutions.
 """
 from .conv import ConvDEQ, evaluate_conv_delta, fit_conv_deq
-from .inr import DEQINR, DEQFourier, DEQSiren, evaluate_delta, fit_inr, psnr
+from .inr import DEQINR, DEQFourier, DEQSiren, fit_inr, psnr
 from .rnn import SineRNN, fit_sine_rnn
+
+
+def __getattr__(name: str):
+    # evaluate_delta lives in deqlite.delta.evaluate, which imports this package: on first use
+    if name == "evaluate_delta":
+        from ..delta.evaluate import evaluate_delta
+        return evaluate_delta
+    raise AttributeError(f"module 'deqlite.models' has no attribute {name!r}")
+
 
 __all__ = ["ConvDEQ", "DEQINR", "DEQFourier", "DEQSiren", "SineRNN", "evaluate_conv_delta",
            "evaluate_delta", "fit_conv_deq", "fit_inr", "fit_sine_rnn", "psnr"]

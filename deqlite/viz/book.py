@@ -12,14 +12,24 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class _Text(str):
+    """A str glued as plain text: glue stores a value's repr, which would quote a str."""
+
+    def __repr__(self) -> str:
+        return str.__str__(self)
+
+
 def glue(name: str, value: Any, display: bool = False) -> Any:
     """``myst_nb.glue`` when myst-nb is installed (book build), a no-op otherwise (Colab).
 
     Numbers glued this way appear in the prose as ``{glue:text}`name:.2f``` and are never
     typed by hand. numpy / torch scalars are converted to Python numbers first, so their
-    repr is a plain number. Returns the (converted) value.
+    repr is a plain number, and strings are glued as plain text (without quotes). Returns
+    the (converted) value.
     """
     value = _plain(value)
+    if isinstance(value, str):
+        value = _Text(value)
     try:
         from myst_nb import glue as _glue
     except ImportError:

@@ -1,91 +1,24 @@
-"""DeltaDEQ: linear and convolution layers that recompute only what changed.
+"""Delta linear and convolution layers: ``y = y_prev + W d_hat`` with a per-layer cache.
 
-A DEQ applies the same layers again and again while its state settles. Seed 000 (Wang et
-al., *DeltaDEQ*, NeurIPS 2024) observes that the state's dimensions settle at different
-speeds, and rewrites each linear operation ``y = W a + b`` in terms of the change of its
-input since the previous call::
-
-    d      = a - a_prev                       # (B, in) change of the input
-    d_hat  = where(|d| > threshold, d, 0)     # drop the changes that are too small
-    y      = y_prev + W d_hat                 # the bias was added once, on the first call
-
-Only the non-zero entries of ``d_hat`` cost multiply-accumulates (MACs): a zero entry skips a
-whole column of ``W`` (a whole input channel of a convolution kernel). With ``threshold = 0``
-the result equals the dense layer (up to floating-point rounding).
-
-Two rules decide what ``a_prev`` becomes after a call:
-
-* ``"reset"`` (the public DeltaDEQ release): ``a_prev <- a``. A change below the threshold is
-  dropped for good, so errors can build up at large thresholds.
-* ``"accumulate"`` (the delta RNN of Neil et al., 2017): ``a_prev_i <- a_i`` only where the
-  threshold fired, so small changes add up until they fire. ``y`` then always equals
-  ``W a_prev + b`` exactly.
-
-Every call is recorded (when ``track=True``): the MACs a dense layer would do, the MACs the
-delta rule performs, and the cost of the subtraction; :func:`mac_summary` adds them up per
-iteration for a whole model. ``sparse=True`` switches to an execution path that gathers the
-samples and input columns (channels) that fired and multiplies only those, so the skipped
-work is really skipped on a CPU, not only counted.
-
-Calls made with autograd recording (a parameter or the input requires grad) run the dense
-layer and refresh the cache: the cached output carries no graph, so the delta form could not
-give the gradient of ``W a + b``. In DEQ training this is the one gradient-carrying step after
-a ``no_grad`` solve; the solve itself uses ``train_threshold``.
-
-Example:
-    >>> import torch
-    >>> lin = DeltaLinear(3, 2, threshold=0.1)
-    >>> with torch.no_grad():                      # a call recording autograd runs dense
-    ...     y0 = lin(torch.zeros(1, 3))                 # first call: dense, fills the cache
-    ...     y1 = lin(torch.tensor([[0.05, 1.0, 0.0]]))  # only the second input column fires
-    >>> lin.records[-1].active, lin.records[-1].performed_macs
-    (1, 2)
+See :mod:`deqlite.delta` for the rule. A layer's settings are a
+:class:`~deqlite.delta.config.DeltaConfig`: its own default (``layer.config``, from the
+constructor), or the one a :func:`~deqlite.delta.delta_mode` block binds to it; each call
+reads the one in force (:attr:`DeltaLayer.settings`). The layer keeps only its cache and
+its records.
 """
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = [
-    "MEMORY_RULES",
-    "CallRecord",
-    "DeltaConv2d",
-    "DeltaLayer",
-    "DeltaLinear",
-    "MacSummary",
-    "configure",
-    "delta_layers",
-    "delta_mode",
-    "mac_summary",
-    "reset_all",
-    "to_delta",
-]
+from .._checks import check_int, is_int
+from .config import FIELDS, DeltaConfig, active_configs
 
-MEMORY_RULES = ("reset", "accumulate")
-
-
-def _check_threshold(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0 (0 reproduces the dense layer), "
-                         f"got {value!r}")
-    return float(value)
-
-
-def _check_memory(value: Any) -> str:
-    if value not in MEMORY_RULES:
-        raise ValueError(f"memory must be one of {MEMORY_RULES} ('reset': the cache takes the "
-                         f"full new input, as in the DeltaDEQ release; 'accumulate': only the "
-                         f"entries that fired, as in the delta RNN), got {value!r}")
-    return value
+__all__ = ["CallRecord", "DeltaConv2d", "DeltaLayer", "DeltaLinear"]
 
 
 @dataclass
@@ -136,26 +69,25 @@ class DeltaLayer:
     parameters (and ``state_dict``) as the dense one.
     """
 
-    def _init_delta(self, threshold: float, train_threshold: float | None, memory: str,
-                    sparse: bool, enabled: bool, track: bool, record_fired: bool) -> None:
-        self.threshold = _check_threshold("threshold", threshold)
-        self.train_threshold = _check_threshold(
-            "train_threshold", self.threshold if train_threshold is None else train_threshold)
-        self.memory = _check_memory(memory)
-        self.sparse = bool(sparse)
-        self.enabled = bool(enabled)
-        self.track = bool(track)
-        self.record_fired = bool(record_fired)
+    def _init_delta(self, config: DeltaConfig) -> None:
+        self.config = config  # the default settings; a delta_mode block binds others
         self.records: list[CallRecord] = []
         self._a_prev: Tensor | None = None
         self._y_prev: Tensor | None = None
         self._bufs: tuple | None = None
 
+    @property
+    def settings(self) -> DeltaConfig:
+        """The config in force for the next call: the one the innermost enclosing
+        :func:`~deqlite.delta.delta_mode` bound to this layer, else ``self.config``."""
+        return active_configs().get(self, self.config)
+
     # -- public controls ------------------------------------------------------------------
     @property
     def active_threshold(self) -> float:
-        """``train_threshold`` in training mode, ``threshold`` in eval mode."""
-        return self.train_threshold if self.training else self.threshold  # type: ignore[attr-defined]
+        """The threshold of the next call: the settings' ``train_threshold`` in training mode,
+        ``threshold`` in eval mode."""
+        return self.settings.for_training(self.training)  # type: ignore[attr-defined]
 
     def reset(self) -> None:
         """Forget the cached input and output: the next call runs dense. Call between inputs."""
@@ -201,17 +133,17 @@ class DeltaLayer:
     def _patch_macs(self, fired: Tensor) -> int | None:
         return None
 
-    def _record(self, a: Tensor, y: Tensor, fired: Tensor | None) -> None:
-        if not self.track:
+    def _record(self, cfg: DeltaConfig, a: Tensor, y: Tensor, fired: Tensor | None) -> None:
+        if not cfg.track:
             return
         dense = self._dense_macs(a, y)
         per_dim = None
         if fired is None:
-            if self.record_fired:
+            if cfg.record_fired:
                 per_dim = torch.ones(a.shape[1])
             self.records.append(CallRecord(dense, dense, 0, a.numel(), a.numel(), True, per_dim))
             return
-        if self.record_fired:
+        if cfg.record_fired:
             dims = [0] + list(range(2, fired.dim()))
             per_dim = fired.float().mean(dim=dims).cpu()
         self.records.append(CallRecord(dense, self._performed_macs(fired), a.numel(),
@@ -230,48 +162,67 @@ class DeltaLayer:
 
     def _delta_forward(self, a: Tensor) -> Tensor:
         self._check_input(a)
+        cfg = self.settings
         needs_graph = torch.is_grad_enabled() and (
             a.requires_grad or any(p.requires_grad for p in self.parameters()))  # type: ignore[attr-defined]
         fresh = (self._a_prev is None or self._a_prev.shape != a.shape
                  or self._a_prev.dtype != a.dtype or self._a_prev.device != a.device)
-        if not self.enabled or needs_graph or fresh:
+        if not cfg.enabled or needs_graph or fresh:
             y = self._dense(a)
-            if self.enabled:
+            if cfg.enabled:
                 # The cache holds values only: the delta form has no graph to differentiate.
                 self._a_prev, self._y_prev = a.detach(), y.detach()
-            self._record(a, y, None)
+            self._record(cfg, a, y, None)
             return y
+        threshold = cfg.for_training(self.training)  # type: ignore[attr-defined]
         a_prev, y_prev = self._a_prev, self._y_prev
         assert a_prev is not None and y_prev is not None
-        if self.sparse:
+        if cfg.sparse:
             # Reuse work buffers: on a CPU, allocating fresh (B, D) tensors every iteration
             # costs as much as the arithmetic the delta rule saves.
             if self._bufs is None or self._bufs[0].shape != a.shape or self._bufs[0].dtype != a.dtype:
                 self._bufs = (torch.empty_like(a), torch.empty_like(a),
                               torch.empty(a.shape, dtype=torch.bool, device=a.device))
             d = torch.sub(a, a_prev, out=self._bufs[0])
-            fired = torch.gt(torch.abs(d, out=self._bufs[1]), self.active_threshold,
+            fired = torch.gt(torch.abs(d, out=self._bufs[1]), threshold,
                              out=self._bufs[2])
         else:
             d = a - a_prev
-            fired = d.abs() > self.active_threshold
-        if self.sparse:
+            fired = d.abs() > threshold
+        if cfg.sparse:
             y = self._sparse_update(d, fired, y_prev)
         else:
             # torch.where, not d * fired: a mask product would turn inf * 0 into NaN.
             y = y_prev + self._apply_delta(torch.where(fired, d, torch.zeros((), dtype=d.dtype)))
-        if self.memory == "reset":
+        if cfg.memory == "reset":
             # The input is kept by reference: callers must not modify it in place.
             self._a_prev = a.detach()
         else:
             self._a_prev = torch.where(fired, a, a_prev).detach()
         self._y_prev = y
-        self._record(a, y, fired)
+        self._record(cfg, a, y, fired)
         return y
 
     def extra_delta_repr(self) -> str:
-        return (f"threshold={self.threshold}, train_threshold={self.train_threshold}, "
-                f"memory={self.memory!r}, sparse={self.sparse}, enabled={self.enabled}")
+        c = self.config
+        return (f"threshold={c.threshold}, train_threshold={c.train_threshold}, "
+                f"memory={c.memory!r}, sparse={c.sparse}, enabled={c.enabled}")
+
+
+def _config_field(name: str) -> property:
+    """``layer.<name>``: reads the layer's own config; assigning replaces it (validated)."""
+
+    def get(self: DeltaLayer) -> Any:
+        return getattr(self.config, name)
+
+    def set_(self: DeltaLayer, value: Any) -> None:
+        self.config = self.config.replace(**{name: value})
+
+    return property(get, set_, doc=f"The layer's default ``{name}`` (``self.config.{name}``).")
+
+
+for _name in FIELDS:  # layer.threshold, layer.enabled, ...: the old attribute API
+    setattr(DeltaLayer, _name, _config_field(_name))
 
 
 def _as_index(mask: Tensor) -> Tensor:
@@ -303,11 +254,11 @@ class DeltaLinear(DeltaLayer, nn.Linear):
                  threshold: float = 0.0, train_threshold: float | None = None, memory: str = "reset",
                  sparse: bool = False, enabled: bool = True, track: bool = True,
                  record_fired: bool = False, device: Any = None, dtype: Any = None) -> None:
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"DeltaLinear: {name} must be an integer >= 1, got {v!r}")
+        check_int("DeltaLinear: in_features", in_features)
+        check_int("DeltaLinear: out_features", out_features)
+        config = DeltaConfig(enabled, threshold, train_threshold, memory, sparse, track, record_fired)
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
-        self._init_delta(threshold, train_threshold, memory, sparse, enabled, track, record_fired)
+        self._init_delta(config)
 
     @classmethod
     def from_dense(cls, layer: nn.Linear, **options: Any) -> DeltaLinear:
@@ -382,7 +333,7 @@ class DeltaConv2d(DeltaLayer, nn.Conv2d):
                  enabled: bool = True, track: bool = True, record_fired: bool = False,
                  device: Any = None, dtype: Any = None) -> None:
         ks = kernel_size if isinstance(kernel_size, (tuple, list)) else (kernel_size,)
-        if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        if not ks or any(not is_int(k) or k < 1 for k in ks):
             raise ValueError(f"DeltaConv2d: kernel_size must be a positive int or a pair of them, "
                              f"got {kernel_size!r}")
         if padding_mode != "zeros":
@@ -391,9 +342,10 @@ class DeltaConv2d(DeltaLayer, nn.Conv2d):
         if sparse and groups != 1:
             raise ValueError(f"the sparse path of DeltaConv2d needs groups=1, got groups={groups}; "
                              f"use sparse=False for grouped convolutions")
+        config = DeltaConfig(enabled, threshold, train_threshold, memory, sparse, track, record_fired)
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding,
                            dilation, groups, bias, padding_mode, device=device, dtype=dtype)
-        self._init_delta(threshold, train_threshold, memory, sparse, enabled, track, record_fired)
+        self._init_delta(config)
 
     @classmethod
     def from_dense(cls, layer: nn.Conv2d, **options: Any) -> DeltaConv2d:
@@ -456,205 +408,3 @@ class DeltaConv2d(DeltaLayer, nn.Conv2d):
         return nn.Conv2d.extra_repr(self) + ", " + self.extra_delta_repr()
 
 
-# -- whole-model helpers ----------------------------------------------------------------------
-
-def delta_layers(model: nn.Module) -> list[DeltaLayer]:
-    """All delta layers inside ``model`` (including ``model`` itself), in module order."""
-    return [m for m in model.modules() if isinstance(m, DeltaLayer)]
-
-
-def reset_all(model: nn.Module, records: bool = True) -> None:
-    """Reset every delta layer's cache (and, by default, its MAC records)."""
-    for layer in delta_layers(model):
-        layer.reset()
-        if records:
-            layer.clear_records()
-
-
-_UNSET: Any = object()
-
-
-def configure(model: nn.Module, *, enabled: Any = _UNSET, threshold: Any = _UNSET,
-              train_threshold: Any = _UNSET, memory: Any = _UNSET, sparse: Any = _UNSET,
-              track: Any = _UNSET, record_fired: Any = _UNSET) -> dict[str, Any]:
-    """Set options on every delta layer in ``model``; returns the previous values of the first
-    layer (for restoring). Raises ``ValueError`` when the model has no delta layer."""
-    layers = delta_layers(model)
-    if not layers:
-        raise ValueError("model has no delta layers; build it with DeltaLinear/DeltaConv2d or "
-                         "convert it with deqlite.delta.to_delta(model)")
-    options = {"enabled": enabled, "threshold": threshold, "train_threshold": train_threshold,
-               "memory": memory, "sparse": sparse, "track": track, "record_fired": record_fired}
-    if threshold is not _UNSET:
-        _check_threshold("threshold", threshold)
-    if train_threshold is not _UNSET:
-        _check_threshold("train_threshold", train_threshold)
-    if memory is not _UNSET:
-        _check_memory(memory)
-    old = {k: getattr(layers[0], k) for k in options}
-    for layer in layers:
-        if sparse is True and isinstance(layer, DeltaConv2d) and layer.groups != 1:
-            raise ValueError("sparse=True needs groups=1 convolutions; use sparse=False")
-        for k, v in options.items():
-            if v is not _UNSET:
-                setattr(layer, k, float(v) if k.endswith("threshold") else v)
-    return old
-
-
-@contextlib.contextmanager
-def delta_mode(model: nn.Module, threshold: float, *, memory: str = "reset",
-               sparse: bool = False, train_threshold: float | None = None,
-               record_fired: bool = False) -> Iterator[nn.Module]:
-    """Run ``model``'s delta layers with the delta rule inside the block.
-
-    On entry: enable the rule with ``threshold`` (also used in training mode unless
-    ``train_threshold`` is given) and ``memory``, clear caches and records. On
-    exit: restore the previous settings and clear the caches; the records stay for
-    :func:`mac_summary`.
-
-    Example:
-        >>> net = nn.Sequential(DeltaLinear(2, 2, enabled=False))
-        >>> with delta_mode(net, threshold=0.1):
-        ...     _ = net(torch.zeros(1, 2)); _ = net(torch.ones(1, 2))
-        >>> mac_summary(net).n_calls
-        2
-    """
-    opts: dict[str, Any] = dict(enabled=True, threshold=threshold, memory=memory, sparse=sparse,
-                                track=True, record_fired=record_fired)
-    opts["train_threshold"] = threshold if train_threshold is None else train_threshold
-    layers = delta_layers(model)
-    saved = [{k: getattr(layer, k) for k in opts} for layer in layers]
-    configure(model, **opts)
-    reset_all(model)
-    try:
-        yield model
-    finally:
-        for layer, old in zip(layers, saved):
-            for k, v in old.items():
-                setattr(layer, k, v)
-            layer.reset()
-
-
-def to_delta(model: nn.Module, **options: Any) -> nn.Module:
-    """Replace every ``nn.Linear`` / ``nn.Conv2d`` inside ``model`` (in place) with a delta
-    layer sharing its parameters; returns ``model``. A bare layer is returned converted.
-
-    Parametrized layers (e.g. ``torch.nn.utils.parametrizations.spectral_norm``) are refused:
-    build those with :class:`DeltaLinear` / :class:`DeltaConv2d` directly and parametrize them.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"to_delta expects an nn.Module (a model or a Linear/Conv2d layer), got "
-                        f"{type(model).__name__}")
-
-    def convert(m: nn.Module) -> nn.Module:
-        if isinstance(m, DeltaLayer):
-            return m
-        if hasattr(m, "parametrizations"):
-            raise ValueError(f"{type(m).__name__} has parametrized weights; build it as a "
-                             f"DeltaLinear/DeltaConv2d and register the parametrization on it")
-        if isinstance(m, nn.Conv2d):
-            return DeltaConv2d.from_dense(m, **options)
-        if isinstance(m, nn.Linear):
-            return DeltaLinear.from_dense(m, **options)
-        return m
-
-    if isinstance(model, (nn.Linear, nn.Conv2d)):
-        return convert(model)
-    for name, child in list(model.named_children()):
-        if isinstance(child, (nn.Linear, nn.Conv2d)):
-            setattr(model, name, convert(child))
-        else:
-            to_delta(child, **options)
-    return model
-
-
-@dataclass
-class MacSummary:
-    """MACs of a model's delta layers, per call index (= per DEQ iteration when each layer is
-    called once per evaluation of ``f``), summed over layers. The arrays have one entry per
-    call index.
-
-    Attributes:
-        dense: MACs the dense layers would have done for the same calls.
-        performed: MACs the delta rule performed.
-        sub_ops: subtraction operations.
-        active_fraction: fired input entries / input entries (1 on dense calls).
-        per_layer: totals per layer name, ``{"dense": ..., "performed": ..., "sub_ops": ...}``.
-        fired_per_dim: ``(n_calls, D)`` fraction fired per input dimension of the first layer
-            that recorded it, or None.
-    """
-
-    dense: np.ndarray
-    performed: np.ndarray
-    sub_ops: np.ndarray
-    active_fraction: np.ndarray
-    per_layer: dict[str, dict[str, int]] = field(default_factory=dict)
-    fired_per_dim: np.ndarray | None = None
-
-    @property
-    def n_calls(self) -> int:
-        return len(self.dense)
-
-    @property
-    def total_dense(self) -> int:
-        return int(self.dense.sum())
-
-    @property
-    def total_cost(self) -> int:
-        """Performed MACs plus subtractions."""
-        return int(self.performed.sum() + self.sub_ops.sum())
-
-    @property
-    def reduction(self) -> float:
-        """1 - (performed + subtraction) / dense, for the same calls."""
-        return 1.0 - self.total_cost / max(self.total_dense, 1)
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of input entries skipped over all non-dense calls (0 if there are none)."""
-        rest = self.active_fraction[1:]
-        return float(1.0 - rest.mean()) if len(rest) else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"dense": self.dense.tolist(), "performed": self.performed.tolist(),
-                "sub_ops": self.sub_ops.tolist(), "active_fraction": self.active_fraction.tolist(),
-                "total_dense": self.total_dense, "total_cost": self.total_cost,
-                "reduction": self.reduction, "per_layer": self.per_layer}
-
-
-def mac_summary(model: nn.Module) -> MacSummary:
-    """Add up the records of every delta layer in ``model`` per call index.
-
-    Example:
-        >>> lin = DeltaLinear(2, 3, bias=False)
-        >>> _ = lin(torch.ones(1, 2)); _ = lin(torch.zeros(1, 2))
-        >>> s = mac_summary(lin); s.dense.tolist(), s.performed.tolist()
-        ([6, 6], [6, 6])
-    """
-    named = [(n, m) for n, m in model.named_modules() if isinstance(m, DeltaLayer)]
-    if not named:
-        raise ValueError("model has no delta layers; build it with DeltaLinear/DeltaConv2d or "
-                         "convert it with deqlite.delta.to_delta(model)")
-    T = max((len(m.records) for _, m in named), default=0)
-    dense = np.zeros(T, dtype=np.int64)
-    performed = np.zeros(T, dtype=np.int64)
-    sub = np.zeros(T, dtype=np.int64)
-    active = np.zeros(T)
-    numel = np.zeros(T)
-    per_layer: dict[str, dict[str, int]] = {}
-    fired = None
-    for name, m in named:
-        for i, r in enumerate(m.records):
-            dense[i] += r.dense_macs
-            performed[i] += r.performed_macs
-            sub[i] += r.sub_ops
-            active[i] += r.active
-            numel[i] += r.numel
-        per_layer[name or type(m).__name__] = {
-            "dense": int(sum(r.dense_macs for r in m.records)),
-            "performed": int(sum(r.performed_macs for r in m.records)),
-            "sub_ops": int(sum(r.sub_ops for r in m.records))}
-        if fired is None and m.records and all(r.fired_per_dim is not None for r in m.records):
-            fired = torch.stack([r.fired_per_dim for r in m.records]).numpy()  # type: ignore[misc]
-    frac = np.divide(active, numel, out=np.ones(T), where=numel > 0)
-    return MacSummary(dense, performed, sub, frac, per_layer, fired)
