@@ -149,7 +149,10 @@ class DEQ(nn.Module):
             solve is intended, e.g. a fixed small ``max_iter`` during training).
         backward_callback: called with the adjoint solve's :class:`SolverTrace`.
 
-    After a backward pass, ``last_backward_trace`` holds the adjoint solve's trace.
+    After a call, ``last_solve`` holds the forward solve's fixed point, detached (the
+    returned ``z_star`` may instead be a gradient strategy's output, e.g. ``f(z*)`` for
+    :class:`deqlite.JacobianFree`); after a backward pass, ``last_backward_trace`` holds the
+    adjoint solve's trace.
 
     Example:
         >>> lin = nn.Linear(4, 4); f = lambda z, x: torch.tanh(0.5 * lin(z) + x)
@@ -193,6 +196,7 @@ class DEQ(nn.Module):
         self.on_failure = on_failure
         self.backward_callback = backward_callback
         self.last_backward_trace: Optional[SolverTrace] = None
+        self.last_solve: Optional[State] = None
         self._last_z: Optional[Tensor] = None
         self._last_packing: Optional[_Packing] = None
 
@@ -315,6 +319,8 @@ class DEQ(nn.Module):
             report_failure(trace, self.on_failure, "forward", stacklevel=5)  # -> the caller of deq(x)
             if self.warm_start:
                 self._last_z, self._last_packing = z_star.detach(), packing
+            solved = z_star.detach()
+            self.last_solve = solved if packing is None else packing.unpack(solved)
             if needs_grad and not unrolled:
                 z_star = self.gradient.attach(fx, z_star, self.on_failure, self._record_backward)
         return DEQOutput(z_star if packing is None else packing.unpack(z_star), trace)

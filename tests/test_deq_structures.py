@@ -156,3 +156,17 @@ def test_warm_start_with_tuple_state():
         _, first = deq(x)
         _, second = deq(x)
     assert second.nfe < first.nfe
+
+
+def test_last_solve_is_the_fixed_point_even_when_the_output_is_not():
+    """JacobianFree returns f(z*) (carrying the gradient); last_solve keeps the solve's z*,
+    detached, in the state's structure (what a warm start of the next call needs)."""
+    f = TwoPart()
+    x = _x().requires_grad_(True)
+    zeros = torch.zeros(4, D, dtype=torch.float64)
+    deq = DEQ(f, init_state=lambda x: (zeros, zeros), tol=1e-12, max_iter=300, backward=JacobianFree())
+    (u, v), _ = deq(x)
+    su, sv = deq.last_solve
+    assert not su.requires_grad and u.requires_grad
+    fu, fv = f((su, sv), x)
+    assert torch.allclose(fu, su, atol=1e-10) and torch.allclose(u, fu, atol=1e-10)

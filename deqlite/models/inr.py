@@ -39,7 +39,7 @@ from ..delta.layers import DeltaLinear
 from ..delta.modes import delta_mode
 from ..deq import DEQ
 from ..regularize import SpectralScale
-from ..solvers import SolverTrace
+from ..solvers import SolverTrace, get_solver
 
 __all__ = ["DEQINR", "DEQFourier", "DEQSiren", "FitResult", "fit_inr", "psnr"]
 
@@ -71,17 +71,6 @@ def psnr(pred: Tensor, target: Tensor, data_range: float = 2.0) -> float:
                          f"{tuple(target.shape)}")
     mse = F.mse_loss(pred.detach().double(), target.detach().double()).item()
     return math.inf if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
-
-
-class _JacobianFreeKeep(JacobianFree):
-    """The Jacobian-free gradient (one application of ``f`` at ``z*``) that also keeps the
-    solve's ``z*``, which :class:`DEQ` does not return when it attaches a gradient."""
-
-    z_star: Tensor | None = None  # set per call (the dataclass is frozen: object.__setattr__)
-
-    def attach(self, f, z_star, on_failure="warn", callback=None):  # type: ignore[no-untyped-def]
-        object.__setattr__(self, "z_star", z_star.detach())
-        return f(self.z_star)
 
 
 class DEQINR(nn.Module):
@@ -158,8 +147,8 @@ class DEQINR(nn.Module):
         # Built per call (cheap next to a solve: no state is kept on the model, so it pickles
         # and deep-copies as before). Jacobian-free gradient: one application of f at z*;
         # failures only recorded in the trace (capped solves are used on purpose here).
-        return DEQ(lambda z, inj: self.f(z, *inj), solver=solver, tol=tol, max_iter=max_iter,
-                   solver_options=options, backward=_JacobianFreeKeep(), on_failure="ignore")
+        return DEQ(lambda z, inj: self.f(z, *inj), solver=get_solver(solver, **options), tol=tol,
+                   max_iter=max_iter, backward=JacobianFree(), on_failure="ignore")
 
     def forward(self, x: Tensor, z0: Tensor | None = None, *, solver: str = "km",
                 tol: float = 1e-3, max_iter: int = 100, keep_cache: bool = False,
@@ -197,8 +186,8 @@ class DEQINR(nn.Module):
         with torch.set_grad_enabled(grad):  # without a gradient DEQ returns the solve's z*
             z, trace = deq((u, h), z0)
         # with one, DEQ returns f(z*) carrying it; the solve's z* (the warm start of the next
-        # call, e.g. in fit_inr) is what the strategy received
-        z_star = deq.gradient.z_star if grad else z
+        # call, e.g. in fit_inr) is deq.last_solve
+        z_star = deq.last_solve if grad else z
         return self.readout(z), z_star, trace
 
     def fixed_macs(self, batch: int) -> int:
