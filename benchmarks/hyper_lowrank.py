@@ -22,8 +22,17 @@ from each start. A linear start of any rank is a lower bound on what a 1-3% init
 (a linear layer, a ReLU, a projection) can be expected to reach only if the DEQ is close to
 linear; the numbers show how far it is.
 
-Run: ``python benchmarks/hyper_lowrank.py`` (about ten minutes on one core; ``--only lowrank``
-or ``--only floor`` runs one part and keeps the other's recorded results); results go to
+Third part (``neural``): the library's neural solver (:class:`deqlite.hyper.HyperSolver`,
+trained by :func:`deqlite.hyper.train_hypersolver` as in chapter 4: learned ReLU initializer,
+Gram-feature mixer, K = 10, 150 steps) on the low-rank DEQ where the start came closest to
+1.6x at a usable accuracy (rank 6, W frozen, lr 1e-3), seeds 0-2: evaluations to 1e-3 and the
+accuracy there for Anderson from zero, the neural solver, and Anderson from the learned start;
+wall-clock and CPU time of those solves (medians of 7 interleaved runs, ratios in one run);
+parameters; and the training cost the paper's way (solver training + its fixed points over
+the DEQ's training time).
+
+Run: ``python benchmarks/hyper_lowrank.py`` (about fifteen minutes on one core; ``--only
+lowrank|floor|neural`` runs one part and keeps the others' recorded results); results go to
 ``benchmarks/results/hyper_lowrank.json``.
 """
 from __future__ import annotations
@@ -37,8 +46,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deqlite import solve
 from deqlite.data import load_digits_tensors
-from deqlite.hyper import budget_curve, count_parameters, fixed_points, frozen_map, matched_nfe, slow_digits_deq
+from deqlite.hyper import (HyperSolver, budget_curve, count_parameters, fixed_points, frozen_map, matched_nfe,
+                           median_times, slow_digits_deq, train_hypersolver)
 from deqlite.solvers import Anderson
 from deqlite.training import train_classifier
 
@@ -108,18 +119,70 @@ def start_floor(width, seed, ranks=(4, 8, 16, 32, 64), epochs=3, max_nfe=60):
                 starts=starts)
 
 
+def neural_on_lowrank(seed, width=256, rank=6, h=4, lr=1e-3, epochs=3, steps=150, K=10, m=5, max_nfe=60):
+    """The library's neural solver on a low-rank, nearly linear DEQ (see the module docstring)."""
+    Xtr, ytr, Xte, yte = load_digits_tensors(seed=seed)
+    model = build(width, 0.99, rank, 0.05, seed)
+    model.cell.W.weight.requires_grad_(False)
+    fit = train_classifier(model, Xtr, ytr, epochs=epochs, lr=lr, seed=seed)
+    f, f_test = frozen_map(model), frozen_map(model, Xte)
+    t0 = time.perf_counter()
+    z_train, _ = fixed_points(f, Xtr, state_shape=(width,), max_iter=100)
+    t_fixed = time.perf_counter() - t0
+    z_star, worst = fixed_points(f, Xte, state_shape=(width,), max_iter=300)
+    neural = HyperSolver.build(state_dim=width, input_dim=64, m=m, init_hidden=h, compress_dim=0, gram=True,
+                               seed=seed)
+    log = train_hypersolver(neural, f, Xtr, z_train, K=K, steps=steps, batch_size=32, lr=3e-3, conv_loss="log",
+                            init_lr=1e-2, init_batch_size=256, seed=seed)
+    with torch.no_grad():
+        z_init = neural.initial_state(Xte)
+    anderson, zero = Anderson(m=m + 1), torch.zeros_like(z_star)
+    runs = {"anderson": (anderson, zero), "neural": (neural, z_init), "anderson_from_learned_start": (anderson, z_init)}
+    curves = {k: budget_curve(f_test, z0, s, max_nfe, readout=model.head, labels=yte) for k, (s, z0) in runs.items()}
+    nfe = {k: matched_nfe(c["rel_residual"], 1e-3, 0.0, higher_is_better=False) for k, c in curves.items()}
+    acc = {k: curves[k]["accuracy"][n - 1] for k, n in nfe.items()}
+
+    def timed(solver, start, k):
+        def run():
+            with torch.no_grad():
+                solve(f_test, start() if callable(start) else start, solver=solver, tol=1e-30, max_iter=k,
+                      on_failure="ignore")
+        return run
+
+    times = median_times({"anderson": timed(anderson, zero, nfe["anderson"]),
+                          "neural": timed(neural, lambda: neural.initial_state(Xte), nfe["neural"])}, repeats=7)
+    n_deq = count_parameters(model)
+    return dict(seed=seed, width=width, rank=rank, init_hidden=h, lr=lr, K=K, m=m, solver_train_steps=log.steps,
+                converged_accuracy=100.0 * float((model.head(z_star).argmax(-1) == yte).double().mean()),
+                start_rel_error=float(((z_init - z_star).norm(dim=1) / z_star.norm(dim=1)).median()),
+                nfe=nfe, accuracy_at_nfe=acc, times=times,
+                speedup={"nfe": nfe["anderson"] / nfe["neural"],
+                         "wall": times["anderson"]["wall"] / times["neural"]["wall"],
+                         "cpu": times["anderson"]["cpu"] / times["neural"]["cpu"]},
+                deq_parameters=n_deq, solver_parameters=neural.num_parameters(),
+                solver_share=neural.num_parameters() / n_deq, deq_train_seconds=fit.seconds,
+                solver_train_seconds=log.seconds, fixed_points_seconds=t_fixed,
+                training_cost_ratio=(log.seconds + t_fixed) / fit.seconds, z_star_worst_rel_residual=worst)
+
+
 def main(width=256, epochs=3, seeds=(0, 1, 2), max_nfe=80, only=None):
     torch.set_num_threads(1)
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    neural = old.get("neural", [])
+    if only in (None, "neural"):
+        neural = []
+        for seed in seeds:
+            neural.append(neural_on_lowrank(seed))
+            print(json.dumps(neural[-1]), flush=True)
     floor = old.get("start_floor", [])
-    if only != "lowrank":
+    if only in (None, "floor"):
         floor = []
         for w in (256, 512):
             for seed in seeds:
                 floor.append(start_floor(w, seed))
                 print(json.dumps(floor[-1])[:300], flush=True)
-    rows = old.get("rows", []) if only == "floor" else []
-    for name, rho, rank, h, scale, lr, freeze in (CONFIGS if only != "floor" else []):
+    rows = old.get("rows", []) if only not in (None, "lowrank") else []
+    for name, rho, rank, h, scale, lr, freeze in (CONFIGS if only in (None, "lowrank") else []):
         for seed in seeds:
             Xtr, ytr, Xte, yte = load_digits_tensors(seed=seed)
             model = build(width, rho, rank, scale, seed)
@@ -155,10 +218,10 @@ def main(width=256, epochs=3, seeds=(0, 1, 2), max_nfe=80, only=None):
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"python": platform.python_version(), "torch": torch.__version__,
                                    "threads": 1, "target": 1e-3, "anderson_memory": 6, "rows": rows,
-                                   "start_floor": floor}, indent=1) + "\n")
+                                   "start_floor": floor, "neural": neural}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", choices=("lowrank", "floor"), default=None)
+    ap.add_argument("--only", choices=("lowrank", "floor", "neural"), default=None)
     main(only=ap.parse_args().only)
