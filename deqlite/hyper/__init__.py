@@ -1,6 +1,6 @@
 """Neural deep equilibrium solvers: a learned initializer and HyperAnderson iterations.
 
-Bai, Koltun & Kolter, *Neural Deep Equilibrium Solvers* (ICLR 2022), seed 002. A DEQ solves
+Bai, Koltun & Kolter, *Neural Deep Equilibrium Solvers* (ICLR 2022). A DEQ solves
 the same kind of fixed-point problem ``z = f(z, x)`` for every input ``x``; a tiny network
 can learn to solve *this* ``f`` faster than a generic method. The solver has two parts:
 
