@@ -29,7 +29,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 

@@ -10,21 +10,32 @@ the live explorer and the asserted claims all come from the same code:
 - :func:`race_table`: evaluations to a tolerance, wall time and status, one row a solver;
 - :func:`anderson_conditioning`: condition numbers of Anderson's Gram matrix along a solve;
 - :func:`race_figure`, :func:`race_animation`: residual curves, and iterates animated in a plane.
+
+Budgets and timing (chapter 4 races a learned solver against Anderson with them):
+
+- :func:`budget_curve`: what a solve returns after each budget of evaluations, from one run;
+- :func:`matched_nfe`: the budget from which a curve stays within a target;
+- :func:`budget_snapshot`, :func:`race_snapshot`: every solver after its budget (the computes
+  of the steps sliders; :func:`deqlite.viz.hyper_figures.steps_figure` draws them);
+- :func:`median_times`, :func:`median_time`, :func:`budget_times`: medians of interleaved
+  wall-clock and CPU timings.
 """
 from __future__ import annotations
 
 import math
 import time
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from ._checks import check_int
 from .problems import Problem
 from .solvers import SolverTrace, StepInfo, solve
 
 __all__ = ["slow_tanh", "spiral_2d", "race", "race_table", "evals_to", "anderson_conditioning",
-           "race_figure", "race_animation", "DEFAULT_RACE"]
+           "race_figure", "race_animation", "DEFAULT_RACE", "budget_curve", "matched_nfe",
+           "median_times", "median_time", "budget_times", "budget_snapshot", "race_snapshot"]
 
 #: The line-up of chapter 3 (plain and damped iteration, Anderson, Broyden, Newton).
 DEFAULT_RACE: Dict[str, Dict[str, Any]] = {
@@ -276,3 +287,160 @@ def race_animation(traces: Mapping[str, SolverTrace], *, sample: int = 0, dims: 
         sliders=[dict(active=0, x=0, len=1, y=-0.12, currentvalue=dict(prefix="step "),
                       steps=[dict(method="animate", label=str(k), args=[[str(k)], now]) for k in range(n)])])
     return fig
+
+
+# --------------------------------------------------------------------------------------
+# budgets and timing
+# --------------------------------------------------------------------------------------
+
+
+def budget_curve(f: Callable[[Tensor], Tensor], z0: Tensor, solver: Any, max_nfe: int, *,
+                 z_star: Optional[Tensor] = None, readout: Optional[Callable[[Tensor], Tensor]] = None,
+                 labels: Optional[Tensor] = None, **solver_options: Any) -> Dict[str, List[float]]:
+    """What a solve returns after each budget of ``1..max_nfe`` evaluations, from one run.
+
+    ``solve(f, z0, solver=..., max_iter=K)`` returns the best-so-far iterate per sample; this
+    reproduces that for every ``K`` from a single run with ``return_iterates=True``. Returns
+    lists indexed by ``K - 1``: ``"nfe"``, ``"rel_residual"`` (median over samples of the
+    returned iterate), ``"error"`` (median ``||z - z*|| / ||z*||``, if ``z_star``) and
+    ``"accuracy"`` (% of ``argmax readout(z) == labels``, if both are given).
+    """
+    _, tr = solve(f, z0, solver=solver, tol=1e-30, max_iter=max_nfe, return_iterates=True,
+                  on_failure="ignore", **solver_options)
+    res = tr.residual  # (T, B)
+    its = torch.stack(tr.iterates)  # (T, B, ...)
+    T, B = res.shape
+    out: Dict[str, List[float]] = {"nfe": [], "rel_residual": [], "error": [], "accuracy": []}
+    best = torch.full((B,), math.inf, dtype=res.dtype, device=res.device)
+    best_z = its[0].clone()
+    if z_star is not None:
+        z_star = z_star.to(its.device)
+    if labels is not None:
+        labels = labels.to(its.device)
+    rel = tr.rel_residual
+    best_rel = torch.full((B,), math.inf, dtype=res.dtype, device=res.device)
+    for k in range(T):
+        better = torch.isfinite(res[k]) & (res[k] < best)
+        best = torch.where(better, res[k], best)
+        best_rel = torch.where(better, rel[k], best_rel)
+        best_z = torch.where(better.view((B,) + (1,) * (its.dim() - 2)), its[k], best_z)
+        out["nfe"].append(k + 1)
+        out["rel_residual"].append(float(best_rel.median()))
+        if z_star is not None:
+            d = (best_z - z_star).reshape(B, -1).norm(dim=1) / z_star.reshape(B, -1).norm(dim=1).clamp_min(1e-30)
+            out["error"].append(float(d.median()))
+        if readout is not None and labels is not None:
+            with torch.no_grad():
+                pred = readout(best_z).argmax(-1)
+            out["accuracy"].append(100.0 * float((pred == labels).double().mean()))
+    return out
+
+
+def matched_nfe(values: Sequence[float], target: float, tol: float, higher_is_better: bool = True) -> Optional[int]:
+    """Smallest budget (1-based index) from which ``values`` stays within ``tol`` of ``target``
+    (``values[k] >= target - tol`` for accuracy, ``<= target + tol`` otherwise) for every
+    larger budget too; ``None`` if it never does. Staying, not touching once, keeps a noisy
+    curve from claiming an early match."""
+    ok = [(v >= target - tol) if higher_is_better else (v <= target + tol) for v in values]
+    if not ok or not ok[-1]:
+        return None
+    k = len(ok)
+    while k > 0 and ok[k - 1]:
+        k -= 1
+    return k + 1
+
+
+def median_times(fns: Dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1) -> Dict[str, Dict[str, float]]:
+    """Median wall-clock *and* CPU seconds (``time.process_time``) of each ``fns[name]()``.
+
+    The runs are interleaved (round ``r`` runs every function once), so load from other
+    processes on a shared machine falls on all of them alike; ratios taken from one call
+    are the numbers to quote. Returns ``{name: {"wall": s, "cpu": s}}``."""
+    check_int("repeats", repeats)
+    check_int("warmup", warmup, lo=0)
+    wall: Dict[str, List[float]] = {k: [] for k in fns}
+    cpu: Dict[str, List[float]] = {k: [] for k in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            t1, c1 = time.perf_counter(), time.process_time()
+            if r >= warmup:
+                wall[name].append(t1 - t0)
+                cpu[name].append(c1 - c0)
+
+    def med(v: List[float]) -> float:
+        v = sorted(v)
+        mid = len(v) // 2
+        return v[mid] if len(v) % 2 else 0.5 * (v[mid - 1] + v[mid])
+
+    return {name: {"wall": med(wall[name]), "cpu": med(cpu[name])} for name in fns}
+
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    check_int("repeats", repeats)
+    check_int("warmup", warmup, lo=0)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    mid = len(times) // 2
+    return times[mid] if len(times) % 2 else 0.5 * (times[mid - 1] + times[mid])
+
+
+def budget_times(f: Callable[[Tensor], Tensor], z0: Tensor, solver: Any, max_nfe: int, *,
+                 repeats: int = 3, init: Optional[Callable[[], Tensor]] = None) -> List[float]:
+    """Wall-clock seconds until each budget ``1..max_nfe`` of one solve (median of ``repeats``
+    runs after a warm-up), read from per-step timestamps. ``init()`` (e.g. the hypersolver's
+    initializer) is timed too and replaces ``z0``."""
+    check_int("max_nfe", max_nfe)
+    check_int("repeats", repeats)
+    runs: List[List[float]] = []
+    for r in range(repeats + 1):
+        stamps: List[float] = []
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            start = init() if init is not None else z0
+        solve(f, start, solver=solver, tol=1e-30, max_iter=max_nfe, on_failure="ignore",
+              callback=lambda info: stamps.append(time.perf_counter() - t0))
+        if r:
+            runs.append(stamps)
+    return [sorted(col)[len(col) // 2] for col in zip(*runs)]
+
+
+def budget_snapshot(f: Callable[[Tensor], Tensor], starts: Dict[str, Tuple[Any, Tensor]], K: int, *,
+                    readout: Callable[[Tensor], Tensor], labels: Tensor) -> Dict[str, Dict[str, Any]]:
+    """Each solver after ``K`` evaluations: ``{name: {"rel_residual": (B,) numpy, "accuracy": %}}``.
+
+    ``starts`` maps a name to ``(solver, z0)``. This is the ``compute`` of the chapter's steps
+    slider (:func:`steps_figure` draws it)."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, (solver, z0) in starts.items():
+        z, tr = solve(f, z0, solver=solver, tol=1e-30, max_iter=K, on_failure="ignore")
+        with torch.no_grad():
+            acc = 100.0 * float((readout(z).argmax(-1) == labels).double().mean())
+        out[name] = {"rel_residual": tr.best_residual.detach().cpu().numpy(), "accuracy": acc, "K": K}
+    return out
+
+
+
+def race_snapshot(f: Callable[[Tensor], Tensor], starts: Dict[str, Tuple[Any, Tensor]], budgets: Dict[str, int], *,
+                  readout: Callable[[Tensor], Tensor], labels: Tensor) -> Dict[str, Dict[str, Any]]:
+    """Like :func:`budget_snapshot`, but each solver gets its own budget: ``budgets[name]``
+    evaluations of ``f``. Keys of the result read ``"name (K)"``; the compute of the chapter's
+    "Anderson's steps vs the neural solver's steps" slider."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, (solver, z0) in starts.items():
+        if name not in budgets:
+            raise ValueError(f"no budget for solver {name!r}: budgets has {sorted(budgets)}")
+        check_int(f"budgets[{name!r}]", budgets[name])
+        snap = budget_snapshot(f, {name: (solver, z0)}, budgets[name], readout=readout, labels=labels)[name]
+        out[f"{name} ({budgets[name]})"] = snap
+    return out
+

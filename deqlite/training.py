@@ -26,14 +26,18 @@ __all__ = ["count_params", "accuracy", "TrainResult", "train_classifier", "peak_
            "training_step_memory"]
 
 
-def count_params(model: nn.Module) -> int:
-    """Number of trainable scalars in ``model``.
+def count_params(*modules: Optional[nn.Module], trainable_only: bool = True) -> int:
+    """Number of scalars in the parameters of ``modules`` (``None`` counts as 0): the trainable
+    ones (``requires_grad``), or all of them with ``trainable_only=False`` (a frozen model).
 
     Example:
         >>> count_params(nn.Linear(3, 2))
         8
+        >>> count_params(nn.Linear(3, 2).requires_grad_(False), None, trainable_only=False)
+        8
     """
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return sum(p.numel() for mod in modules if mod is not None for p in mod.parameters()
+               if p.requires_grad or not trainable_only)
 
 
 @torch.no_grad()

@@ -283,18 +283,25 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="z_star has 3 samples but x has 4"):
         train_hypersolver(HyperSolver.build(state_dim=2, input_dim=2), lambda z, x: z,
                           torch.zeros(4, 2), torch.zeros(3, 2))
-    with pytest.raises(ValueError, match="beta must be in"):
+    with pytest.raises(ValueError, match="beta must be a finite number in"):
         LeastSquaresMixer(beta=1.5)
 
 
 def test_docstring_examples_run():
     import doctest
 
-    import deqlite.hyper as mod
+    import deqlite.hyper
+    import deqlite.hyper.nets
+    import deqlite.hyper.solver
+    import deqlite.hyper.train
 
-    res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
-                          extraglobs={"torch": torch})
-    assert res.attempted >= 5 and res.failed == 0
+    attempted = 0
+    for mod in (deqlite.hyper, deqlite.hyper.nets, deqlite.hyper.solver, deqlite.hyper.train):
+        res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+                              extraglobs={"torch": torch})
+        assert res.failed == 0, mod.__name__
+        attempted += res.attempted
+    assert attempted >= 5
 
 
 # ---------------------------------------------------------------- issue 11 additions
@@ -375,3 +382,44 @@ def test_budget_curve_and_training_on_the_gpu():
     c = budget_curve(lambda z: W_dev(z, x), hyper.initial_state(x.to(dev)).detach(), hyper, 3,
                      z_star=zs.to(dev), readout=lambda z: z, labels=torch.zeros(16, dtype=torch.long, device=dev))
     assert len(c["rel_residual"]) == 3
+
+
+# ---------------------------------------------------------------- issue 13: modules by concern
+
+
+def test_split_modules_keep_the_public_names():
+    import deqlite.hyper as hy
+    from deqlite import models, race
+    from deqlite.viz import hyper_figures
+
+    assert hy.budget_curve is race.budget_curve and hy.median_times is race.median_times
+    assert hy.slow_digits_deq is models.slow_digits_deq and hy.frozen_map is models.frozen_map
+    assert hy.steps_figure is hyper_figures.steps_figure and hy.ablation_figure is hyper_figures.ablation_figure
+    assert set(hy.__all__) <= set(dir(hy)) | {"steps_figure", "pareto_figure", "ablation_figure"}
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        hy.nope  # noqa: B018
+
+
+def test_frozen_map_bound_to_inputs_and_counting_frozen_parameters():
+    from deqlite.hyper import count_parameters, frozen_map, slow_digits_deq
+    from deqlite.training import count_params
+
+    model = slow_digits_deq(16, 1.1, seed=0)
+    x, z = torch.randn(5, 64), torch.randn(5, 16)
+    f_x = frozen_map(model, x)
+    assert torch.allclose(f_x(z), model.cell(z, model.inject(x)), atol=1e-6)
+    total = sum(p.numel() for p in model.parameters())
+    assert count_params(model) == 0 and count_parameters(model) == total  # frozen: none trainable
+    assert count_params(model, None, trainable_only=False) == total
+    with pytest.raises(ValueError, match="x must be a batch"):
+        frozen_map(model, torch.zeros(64))
+
+
+def test_ablation_figure_is_relative_to_the_reference():
+    from deqlite.hyper import ablation_figure
+
+    fig = ablation_figure({"ours": 1e-3, "no L_init": 4e-3}, "ours")
+    assert list(fig.data[0].y) == [1.0, 4.0]
+    assert fig.layout.template.layout.paper_bgcolor == "rgba(0,0,0,0)"
+    with pytest.raises(ValueError, match="reference 'x' is not one of"):
+        ablation_figure({"ours": 1.0}, "x")
