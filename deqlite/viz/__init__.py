@@ -6,6 +6,9 @@
 - :class:`Explorer` / :func:`explore`: a compute function and a grid of slider values give
   a static figure with the slider steps baked in (works in the HTML book) and a live
   ipywidgets front end that recomputes when a slider moves (Jupyter, Colab);
+- chapter figures by topic: :mod:`~deqlite.viz.race_figures` (solver races),
+  :mod:`~deqlite.viz.hyper_figures` (neural solvers), :mod:`~deqlite.viz.delta_figures`
+  (DeltaDEQ);
 - the ``"deqlite"`` plotly template (:mod:`deqlite.viz.theme`), readable in light and dark.
 
 This subpackage imports plotly (and ipywidgets, only when a live widget is made);
