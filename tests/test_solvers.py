@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 import deqlite
 
 from deqlite import problems as P
-from deqlite.solvers import (Anderson, ConvergenceError, KrasnoselskiiMann, Picard,
+from deqlite.solvers import (Anderson, Broyden, ConvergenceError, KrasnoselskiiMann, Picard,
                              Solver, available_solvers, get_solver, register_solver, solve)
 
 # from the registry: a newly registered solver is tested here without editing a list
@@ -296,6 +296,72 @@ def test_registry_and_custom_solver():
         deqlite.solvers.SOLVERS.pop("halfstep_test")
     assert isinstance(get_solver(Picard), Picard)
     assert get_solver("km", beta=0.3) == KrasnoselskiiMann(beta=0.3)
+
+
+# ------------------------------------------------------------------ shared pieces, two code paths
+
+
+def _run_steps(solver, f, z, n, grad):
+    """``n`` steps of ``solver`` by hand (with or without autograd), returning the iterates."""
+    out = []
+    with torch.set_grad_enabled(grad):
+        state = solver.init(z)
+        for _ in range(n):
+            fz = f(z)
+            z, state = solver.step(f, z, fz, state)
+            out.append(z.detach())
+    return out
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["ring", "autograd"])
+@pytest.mark.parametrize("beta", [1.0, 0.6])
+def test_anderson_history_is_shared_with_the_neural_solver(grad, beta):
+    # one history class: a HyperSolver whose mixer is the least-squares choice is Anderson
+    from deqlite.hyper import HyperSolver, LeastSquaresMixer
+    from deqlite.solvers.anderson import AndersonHistory
+
+    p = P.expansive_tanh(D=24, B=3, averaged=True, dtype=torch.float64)
+    a, h = Anderson(m=4, beta=beta), HyperSolver(mixer=LeastSquaresMixer(beta=beta), m=3)  # 4 iterates each
+    assert isinstance(a.init(p.z0), AndersonHistory) and isinstance(h.init(p.z0), AndersonHistory)
+    za, zh = _run_steps(a, p.f, p.z0, 12, grad), _run_steps(h, p.f, p.z0, 12, grad)  # the ring wraps twice
+    for x, y in zip(za, zh):
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-12)
+    # and through the loop: the same evaluation count and iterates (the weights come from two
+    # LAPACK calls, numpy's and torch's, so rounding differences grow over 60 steps)
+    kw = dict(tol=1e-10, max_iter=60, return_iterates=True, on_failure="ignore")
+    _, ta = solve(p.f, p.z0, solver=a, **kw)
+    _, th = solve(p.f, p.z0, solver=h, **kw)
+    assert ta.nfe == th.nfe
+    for x, y in zip(ta.iterates, th.iterates):
+        torch.testing.assert_close(y, x, rtol=1e-8, atol=1e-8)
+
+
+def test_anderson_ring_and_autograd_paths_agree():
+    p = P.expansive_tanh(D=16, B=4, averaged=True, dtype=torch.float64)
+    for m in (1, 2, 5):
+        ring, stacked = (_run_steps(Anderson(m=m), p.f, p.z0, 10, g) for g in (False, True))
+        for x, y in zip(ring, stacked):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [1, 3, 100])
+@pytest.mark.parametrize("step_size", [1.0, 0.7])
+def test_broyden_two_applications_equal_three(m, step_size):
+    # without autograd Broyden applies its low-rank inverse twice per step (H dg from the last
+    # step, the new H g by one rank-one term); with autograd the textbook three times
+    p = P.expansive_tanh(D=16, B=4, averaged=False, dtype=torch.float64)
+    b = Broyden(m=m, step_size=step_size)
+    lean, textbook = (_run_steps(b, p.f, p.z0, 12, g) for g in (False, True))
+    for k, (x, y) in enumerate(zip(lean, textbook)):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9, msg=f"step {k}")
+
+
+def test_broyden_old_alpha_is_refused_with_the_new_name():
+    with pytest.raises(TypeError, match="step_size"):
+        Broyden(alpha=0.5)
+    with pytest.raises(TypeError, match=r"use Broyden\(step_size=0.5\)"):
+        get_solver("broyden", alpha=0.5)
+    assert Broyden(step_size=0.5).step_size == 0.5 and "step_size" in Broyden.options()
 
 
 # ------------------------------------------------------------------ properties
