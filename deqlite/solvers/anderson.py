@@ -51,29 +51,30 @@ def least_squares_weights(H: Tensor, ridge: float = 1e-4, scale_ridge: bool = Tr
     return alpha
 
 
-def _least_squares_weights_host(H: np.ndarray, ridge: float, scale_ridge: bool, newest: int) -> np.ndarray:
+def _least_squares_weights_host(H: np.ndarray, ridge: float, scale_ridge: bool, newest: int,
+                                ones: Optional[np.ndarray] = None) -> np.ndarray:
     """:func:`least_squares_weights` for a float64 host array (no autograd): the system is a
     few numbers per sample, so one LAPACK call costs far less than a dozen tiny tensor
     operations (kernel launches on a GPU); on a GPU it costs one (B, h) transfer each way."""
     B, h, _ = H.shape
-    diag = np.diagonal(H, axis1=1, axis2=2)
+    A = H.copy()
+    diag = np.einsum("bii->bi", A)  # a writable view of the diagonals, ||g_i||^2
     if scale_ridge:
         lam = ridge * np.maximum(diag.mean(-1, keepdims=True), np.finfo(np.float64).tiny)
     else:
-        lam = np.full((B, 1), float(ridge))
-    A = H.copy()
-    r = np.arange(h)
-    A[:, r, r] = diag + lam
+        lam = float(ridge)
+    diag += lam
+    ones = np.ones((B, h, 1)) if ones is None else ones
     with np.errstate(all="ignore"):
         try:
-            y = np.linalg.solve(A, np.ones((B, h, 1)))[..., 0]
-            bad = np.zeros(B, dtype=bool)
+            y = np.linalg.solve(A, ones)[..., 0]
+            bad = None
         except np.linalg.LinAlgError:  # a singular sample (only with ridge=0): per-sample info
             yt, info = torch.linalg.solve_ex(torch.from_numpy(A), torch.ones(B, h, dtype=torch.float64))
             y, bad = yt.numpy(), (info != 0).numpy()
         alpha = y / y.sum(-1, keepdims=True)
-    bad = bad | ~np.isfinite(alpha).all(-1)
-    if bad.any():
+    if bad is not None or not np.isfinite(alpha).all():  # the rare case: find the samples
+        bad = ~np.isfinite(alpha).all(-1) if bad is None else bad | ~np.isfinite(alpha).all(-1)
         alpha[bad] = 0.0
         alpha[bad, newest] = 1.0
     return alpha
@@ -144,23 +145,39 @@ class AndersonHistory:
 
     def _push_ring(self, fz: Tensor, g: Tensor) -> None:
         if self.F is None:
-            B, n = fz.shape
-            self.F, self.G = fz.new_empty(B, self.m, n), fz.new_empty(B, self.m, n)
-            self.H = np.zeros((B, self.m, self.m))
+            self._allocate(fz)
         slot, h = self.k % self.m, min(self.k + 1, self.m)
-        self.F[:, slot], self.G[:, slot] = fz, g
+        self._F_slot[slot].copy_(fz)
+        self._G_slot[slot].copy_(g)
         # one new row of H as a row-vector product (B, 1, n) @ (B, n, h): no (B, h, n)
-        # temporary (42 MB at B=64, m=20, n=8192); float64 so that float32 states cannot make
-        # the small system singular
-        dots = torch.bmm(g.unsqueeze(1), self.G[:, :h].transpose(1, 2)).squeeze(1)
-        dots = dots.double().cpu().numpy()
+        # temporary (42 MB at B=64, m=20, n=8192), and the fast layout on a CPU; the host
+        # array is float64, so float32 states cannot make the small system singular
+        dots = self._host(torch.bmm(g.unsqueeze(1), self._G_t[h]))[:, 0]  # (B, h)
         self.H[:, slot, :h] = dots
         self.H[:, :h, slot] = dots
+
+    def _allocate(self, z: Tensor) -> None:
+        """Ring buffers and the views every step uses, made once."""
+        B, n = z.shape
+        m = self.m
+        self.F, self.G = z.new_empty(B, m, n), z.new_empty(B, m, n)
+        self.H = np.zeros((B, m, m))
+        self._F_slot = [self.F[:, i] for i in range(m)]
+        self._G_slot = [self.G[:, i] for i in range(m)]
+        self._G_t = [None] + [self.G[:, :h].transpose(1, 2) for h in range(1, m + 1)]
+        self._rows = [None] + [(self.F[:, :h], self.G[:, :h]) for h in range(1, m + 1)]
+        # on a CPU in float32/64 a tensor's numpy view costs nothing; elsewhere one copy
+        self._shares = z.device.type == "cpu" and z.dtype in (torch.float32, torch.float64)
+        self._np_dtype = np.float64 if z.dtype == torch.float64 else np.float32
+        self._ones = [None] + [np.ones((B, h, 1)) for h in range(1, m + 1)]
+
+    def _host(self, t: Tensor) -> np.ndarray:
+        return t.numpy() if self._shares else t.to("cpu", torch.float64).numpy()
 
     def rows(self):
         """``(F, G)``, each ``(B, h, n)``: the pairs held, in storage order (see :meth:`order`)."""
         h = self.size
-        return self.F[:, :h], self.G[:, :h]
+        return self._rows[h] if not self.grad else (self.F[:, :h], self.G[:, :h])
 
     def gram(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """``G G^T`` ``(B, h, h)`` in storage order, as a tensor on the states' device."""
@@ -181,8 +198,11 @@ class AndersonHistory:
         if self.grad:
             alpha = least_squares_weights(self.H, ridge, scale_ridge, self.newest)
             return alpha.to(self.G.dtype)
-        alpha = _least_squares_weights_host(self.H[:, :h, :h], ridge, scale_ridge, self.newest)
-        return torch.from_numpy(alpha).to(device=self.G.device, dtype=self.G.dtype)
+        alpha = _least_squares_weights_host(self.H[:, :h, :h], ridge, scale_ridge, self.newest, self._ones[h])
+        alpha = torch.from_numpy(alpha.astype(self._np_dtype, copy=False))
+        if not self._shares:
+            alpha = alpha.to(device=self.G.device, dtype=self.G.dtype)
+        return alpha
 
     def combine(self, alpha: Tensor, rows: Tensor) -> Tensor:
         """``sum_i alpha_i rows_i``: (B, h) weights and (B, h, n) rows -> (B, n), as a
