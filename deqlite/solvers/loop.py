@@ -263,6 +263,13 @@ def solve(
         best_z = z
         iterates: Optional[List[Tensor]] = [] if return_iterates else None
         nfe, autocast, dev = 0, False, z.device
+        in_autocast = torch.is_autocast_enabled(dev.type)
+        if in_autocast:
+            ac_dtype = torch.get_autocast_dtype(dev.type)
+
+            def f_autocast(zf: Tensor) -> Tensor:
+                with torch.autocast(dev.type, dtype=ac_dtype):
+                    return f_flat(zf).to(zf.dtype)
         for k in range(max_iter):
             # -- evaluate f and the residual
             fz = f(z if flat else z.view(shape))
@@ -290,7 +297,11 @@ def solve(
             # -- stop, or step
             if k == max_iter - 1 or rec.done(all_better):
                 break
-            z_next, state = slv.step_residual(f_flat, z, fz, g, state)
+            if in_autocast:  # the solver's own arithmetic stays in the state's dtype (f keeps autocast)
+                with torch.autocast(dev.type, enabled=False):
+                    z_next, state = slv.step_residual(f_autocast, z, fz, g, state)
+            else:
+                z_next, state = slv.step_residual(f_flat, z, fz, g, state)
             if rec.any_diverged:
                 z_next = torch.where(torch.from_numpy(rec.diverged).to(dev)[:, None], best_z, z_next)
             z = z_next
