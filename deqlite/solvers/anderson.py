@@ -58,26 +58,33 @@ def _least_squares_weights_host(H: np.ndarray, ridge: float, scale_ridge: bool, 
     operations (kernel launches on a GPU); on a GPU it costs one (B, h) transfer each way."""
     B, h, _ = H.shape
     A = H.copy()
-    diag = np.einsum("bii->bi", A)  # a writable view of the diagonals, ||g_i||^2
+    diag = A.reshape(B, h * h)[:, ::h + 1]  # a writable view of the diagonals, ||g_i||^2
     if scale_ridge:
-        lam = ridge * np.maximum(diag.mean(-1, keepdims=True), np.finfo(np.float64).tiny)
+        lam = np.add.reduce(diag, 1, keepdims=True)
+        lam /= h  # the mean of ||g_i||^2
+        np.maximum(lam, _TINY, out=lam)
+        lam *= ridge
+        diag += lam
     else:
-        lam = float(ridge)
-    diag += lam
-    ones = np.ones((B, h, 1)) if ones is None else ones
-    with np.errstate(all="ignore"):
-        try:
-            y = np.linalg.solve(A, ones)[..., 0]
-            bad = None
-        except np.linalg.LinAlgError:  # a singular sample (only with ridge=0): per-sample info
-            yt, info = torch.linalg.solve_ex(torch.from_numpy(A), torch.ones(B, h, dtype=torch.float64))
-            y, bad = yt.numpy(), (info != 0).numpy()
-        alpha = y / y.sum(-1, keepdims=True)
-    if bad is not None or not np.isfinite(alpha).all():  # the rare case: find the samples
+        diag += ridge
+    try:
+        y = np.linalg.solve(A, np.ones((B, h, 1)) if ones is None else ones)[..., 0]
+        bad = None
+    except np.linalg.LinAlgError:  # a singular sample (only with ridge=0): per-sample info
+        yt, info = torch.linalg.solve_ex(torch.from_numpy(A), torch.ones(B, h, dtype=torch.float64))
+        y, bad = yt.numpy(), (info != 0).numpy()
+    total = np.add.reduce(y, 1, keepdims=True)
+    if bad is None and np.isfinite(np.add.reduce(total, None)) and np.all(total):  # the common case
+        return y / total
+    with np.errstate(all="ignore"):  # the rare case: find the samples
+        alpha = y / total
         bad = ~np.isfinite(alpha).all(-1) if bad is None else bad | ~np.isfinite(alpha).all(-1)
-        alpha[bad] = 0.0
-        alpha[bad, newest] = 1.0
+    alpha[bad] = 0.0
+    alpha[bad, newest] = 1.0
     return alpha
+
+
+_TINY = np.finfo(np.float64).tiny
 
 
 class AndersonHistory:
@@ -194,12 +201,16 @@ class AndersonHistory:
 
     def least_squares(self, ridge: float = 1e-4, scale_ridge: bool = True) -> Tensor:
         """Anderson's weights ``alpha`` ``(B, h)`` in storage order, in the states' dtype."""
-        h = self.size
         if self.grad:
             alpha = least_squares_weights(self.H, ridge, scale_ridge, self.newest)
             return alpha.to(self.G.dtype)
+        return self._least_squares_rows(ridge, scale_ridge)[:, 0]
+
+    def _least_squares_rows(self, ridge: float, scale_ridge: bool) -> Tensor:
+        """The weights as a ``(B, 1, h)`` row per sample (no autograd), ready for ``bmm``."""
+        h = self.size
         alpha = _least_squares_weights_host(self.H[:, :h, :h], ridge, scale_ridge, self.newest, self._ones[h])
-        alpha = torch.from_numpy(alpha.astype(self._np_dtype, copy=False))
+        alpha = torch.from_numpy(alpha.astype(self._np_dtype, copy=False)[:, None, :])
         if not self._shares:
             alpha = alpha.to(device=self.G.device, dtype=self.G.dtype)
         return alpha
@@ -248,9 +259,12 @@ class Anderson(Solver):
         state.push(fz, g)
         if state.size == 1:  # nothing to mix yet: a (damped) plain step
             return (fz if self.beta == 1.0 else torch.lerp(z, fz, self.beta)), state
-        alpha = state.least_squares(self.ridge, self.scale_ridge)
         F, G = state.rows()
-        mixed_f = state.combine(alpha, F)
+        if state.grad:
+            alpha = state.least_squares(self.ridge, self.scale_ridge).unsqueeze(1)
+        else:
+            alpha = state._least_squares_rows(self.ridge, self.scale_ridge)  # (B, 1, h)
+        mixed_f = torch.bmm(alpha, F).squeeze(1)
         if self.beta == 1.0:
             return mixed_f, state
-        return mixed_f - (1.0 - self.beta) * state.combine(alpha, G), state
+        return mixed_f - (1.0 - self.beta) * torch.bmm(alpha, G).squeeze(1), state
