@@ -84,31 +84,21 @@ class Broyden(Solver):
         state = {"U": U, "V": V, "z": z, "g": g, "count": state["count"] + 1}
         return z - self.step_size * self._apply(U, V, g), state
 
-    @staticmethod
-    def _safe_divide(u: Tensor, denom: Tensor, dz: Tensor, dg: Tensor) -> Tensor:
-        """``u / denom`` per sample, ``0`` where ``denom = dz^T H dg`` vanishes (the update
-        would divide by zero)."""
-        ok = denom.abs() > 1e-30 * (dz.norm(dim=-1) * dg.norm(dim=-1)).clamp_min(1e-300)
-        # one (B,) coefficient, then one (B, n) product: no (B, n) fill or select
-        coef = torch.where(ok, denom, torch.ones_like(denom)).reciprocal_().mul_(ok)
-        return u * coef.unsqueeze(-1)
-
     def _update(self, U: Tensor, V: Tensor, dz: Tensor, dg: Tensor) -> Tuple[Tensor, Tensor]:
         """The rank-one term ``u vT`` of the good-Broyden update of ``H`` for the step
         ``dz`` and the residual change ``dg`` (both (B, n))."""
         vT = self._apply_t(U, V, dz)  # dz^T H, (B, n)
         u = dz - self._apply(U, V, dg)
-        return self._safe_divide(u, _bdot(vT, dg), dz, dg), vT
+        return u * self._inverse_or_zero(_bdot(vT, dg), dz, dg).unsqueeze(-1), vT
 
     def _step_buffered(self, z, g, state):
         """The update without autograd: the ``m`` pairs live in ``(B, m, n)`` buffers
         allocated once and written in place (a ring once full: ``H`` is a sum, so the order
         of the pairs does not matter), and ``H`` is applied twice per step (see the class
-        docstring) with batched matrix products."""
+        docstring) with batched matrix products on views made once."""
         s = self.step_size
         if state["U"] is None:  # the first step: H = -I
-            B, n = z.shape
-            state["U"], state["V"] = z.new_empty(B, self.m, n), z.new_empty(B, self.m, n)
+            self._allocate(z, state)
             state["z"], state["g"] = z, g
             return torch.add(z, g, alpha=s), state
         count = state["count"]
@@ -117,20 +107,45 @@ class Broyden(Solver):
         if h:
             # (B, 1, n) @ (B, n, h) then (B, 1, h) @ (B, h, n): the row-vector products are
             # the fast layout (a (B, h, n) @ (B, n, 1) product is ~10x slower on a CPU)
-            U, V = state["U"][:, :h], state["V"][:, :h]
-            c = torch.bmm(g.unsqueeze(1), V.transpose(1, 2))  # (B, 1, h): v_j . g
-            Hg = torch.bmm(c, U).squeeze(1).sub_(g)  # H g = -g + sum_j (v_j . g) u_j
-            d = torch.bmm(dz.unsqueeze(1), U.transpose(1, 2))  # (B, 1, h): dz . u_j
-            vT = torch.bmm(d, V).squeeze(1).sub_(dz)  # dz^T H
+            c = torch.bmm(g.unsqueeze(1), state["V_t"][h])  # (B, 1, h): v_j . g
+            Hg = torch.bmm(c, state["U_h"][h]).squeeze(1).sub_(g)  # H g = -g + sum_j (v_j . g) u_j
+            d = torch.bmm(dz.unsqueeze(1), state["U_t"][h])  # (B, 1, h): dz . u_j
+            vT = torch.bmm(d, state["V_h"][h]).squeeze(1).sub_(dz)  # dz^T H
         else:
-            Hg, vT = -g, -dz
-        # u = (dz - H dg) / (dz^T H dg), with H dg = H g + dz / s
-        u = dz.mul(1.0 - 1.0 / s).sub_(Hg) if s != 1.0 else Hg.neg()
-        u = self._safe_divide(u, torch.linalg.vecdot(vT, dg), dz, dg)
-        Hg_new = torch.addcmul(Hg, u, torch.linalg.vecdot(vT, g).unsqueeze(-1))
-        if count >= self.m:  # the memory is full: the oldest pair (in `slot`) leaves H
-            Hg_new.sub_(state["U"][:, slot] * c[:, 0, slot:slot + 1])
-        state["U"][:, slot], state["V"][:, slot] = u, vT
+            Hg, vT = g.neg(), dz.neg()
+        # u = (dz - H dg) / (dz^T H dg), with H dg = H g + dz / s; written straight into its slot
+        coef = self._inverse_or_zero(torch.linalg.vecdot(vT, dg), dz, dg).unsqueeze(-1)
+        u_slot = state["U_slot"][slot]
+        dropped = u_slot * c[:, 0, slot:slot + 1] if count >= self.m else None  # the oldest pair leaves H
+        if s == 1.0:
+            torch.mul(Hg, coef.neg_(), out=u_slot)
+        else:
+            torch.mul(dz.mul(1.0 - 1.0 / s).sub_(Hg), coef, out=u_slot)
+        state["V_slot"][slot].copy_(vT)
+        Hg_new = torch.addcmul(Hg, u_slot, torch.linalg.vecdot(vT, g).unsqueeze(-1))
+        if dropped is not None:
+            Hg_new.sub_(dropped)
         state["count"] = count + 1
         state["z"], state["g"] = z, g
         return torch.add(z, Hg_new, alpha=-s), state
+
+    def _allocate(self, z: Tensor, state: dict) -> None:
+        """The ``(B, m, n)`` buffers and the views every step uses, made once."""
+        B, n = z.shape
+        m = self.m
+        U, V = z.new_empty(B, m, n), z.new_empty(B, m, n)
+        state["U"], state["V"] = U, V
+        state["U_slot"], state["V_slot"] = [U[:, i] for i in range(m)], [V[:, i] for i in range(m)]
+        state["U_h"] = [None] + [U[:, :h] for h in range(1, m + 1)]
+        state["V_h"] = [None] + [V[:, :h] for h in range(1, m + 1)]
+        state["U_t"] = [None] + [U[:, :h].transpose(1, 2) for h in range(1, m + 1)]
+        state["V_t"] = [None] + [V[:, :h].transpose(1, 2) for h in range(1, m + 1)]
+
+    @staticmethod
+    def _inverse_or_zero(denom: Tensor, dz: Tensor, dg: Tensor) -> Tensor:
+        """``1 / denom`` per sample, ``0`` where ``denom = dz^T H dg`` vanishes (relative to
+        ``||dz|| ||dg||``): the update would divide by zero, so it is skipped."""
+        # out of place: the unrolled (autograd) path differentiates through it
+        scale = torch.linalg.vector_norm(dz, dim=-1) * torch.linalg.vector_norm(dg, dim=-1)
+        ok = denom.abs() > (1e-30 * scale).clamp_min(1e-300)
+        return torch.where(ok, denom, 1.0).reciprocal() * ok
