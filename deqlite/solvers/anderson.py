@@ -154,12 +154,18 @@ class AndersonHistory:
         if self.F is None:
             self._allocate(fz)
         slot, h = self.k % self.m, min(self.k + 1, self.m)
-        self._F_slot[slot].copy_(fz)
-        self._G_slot[slot].copy_(g)
+        slots = self._slots.get(slot)
+        if slots is None:
+            slots = self._slots[slot] = (self.F[:, slot], self.G[:, slot])
+        slots[0].copy_(fz)
+        slots[1].copy_(g)
         # one new row of H as a row-vector product (B, 1, n) @ (B, n, h): no (B, h, n)
         # temporary (42 MB at B=64, m=20, n=8192), and the fast layout on a CPU; the host
         # array is float64, so float32 states cannot make the small system singular
-        dots = self._host(torch.bmm(g.unsqueeze(1), self._G_t[h]))[:, 0]  # (B, h)
+        Gt = self._G_t.get(h)
+        if Gt is None:
+            Gt = self._G_t[h] = self.G[:, :h].transpose(1, 2)
+        dots = self._host(torch.bmm(g.unsqueeze(1), Gt))[:, 0]  # (B, h)
         self.H[:, slot, :h] = dots
         self.H[:, :h, slot] = dots
 
@@ -169,14 +175,13 @@ class AndersonHistory:
         m = self.m
         self.F, self.G = z.new_empty(B, m, n), z.new_empty(B, m, n)
         self.H = np.zeros((B, m, m))
-        self._F_slot = [self.F[:, i] for i in range(m)]
-        self._G_slot = [self.G[:, i] for i in range(m)]
-        self._G_t = [None] + [self.G[:, :h].transpose(1, 2) for h in range(1, m + 1)]
-        self._rows = [None] + [(self.F[:, :h], self.G[:, :h]) for h in range(1, m + 1)]
+        self._slots: dict = {}  # slot -> (F[:, slot], G[:, slot]), made on first use
+        self._G_t: dict = {}  # h -> G[:, :h] transposed, made on first use
+        self._rows: dict = {}  # h -> (F[:, :h], G[:, :h])
+        self._ones: dict = {}  # h -> the right-hand side of the weight solve
         # on a CPU in float32/64 a tensor's numpy view costs nothing; elsewhere one copy
         self._shares = z.device.type == "cpu" and z.dtype in (torch.float32, torch.float64)
         self._np_dtype = np.float64 if z.dtype == torch.float64 else np.float32
-        self._ones = [None] + [np.ones((B, h, 1)) for h in range(1, m + 1)]
 
     def _host(self, t: Tensor) -> np.ndarray:
         return t.numpy() if self._shares else t.to("cpu", torch.float64).numpy()
@@ -184,7 +189,12 @@ class AndersonHistory:
     def rows(self):
         """``(F, G)``, each ``(B, h, n)``: the pairs held, in storage order (see :meth:`order`)."""
         h = self.size
-        return self._rows[h] if not self.grad else (self.F[:, :h], self.G[:, :h])
+        if self.grad:
+            return self.F[:, :h], self.G[:, :h]
+        rows = self._rows.get(h)
+        if rows is None:
+            rows = self._rows[h] = (self.F[:, :h], self.G[:, :h])
+        return rows
 
     def gram(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """``G G^T`` ``(B, h, h)`` in storage order, as a tensor on the states' device."""
@@ -209,7 +219,10 @@ class AndersonHistory:
     def _least_squares_rows(self, ridge: float, scale_ridge: bool) -> Tensor:
         """The weights as a ``(B, 1, h)`` row per sample (no autograd), ready for ``bmm``."""
         h = self.size
-        alpha = _least_squares_weights_host(self.H[:, :h, :h], ridge, scale_ridge, self.newest, self._ones[h])
+        ones = self._ones.get(h)
+        if ones is None:
+            ones = self._ones[h] = np.ones((self.H.shape[0], h, 1))
+        alpha = _least_squares_weights_host(self.H[:, :h, :h], ridge, scale_ridge, self.newest, ones)
         alpha = torch.from_numpy(alpha.astype(self._np_dtype, copy=False)[:, None, :])
         if not self._shares:
             alpha = alpha.to(device=self.G.device, dtype=self.G.dtype)

@@ -107,21 +107,22 @@ class Broyden(Solver):
         if h:
             # (B, 1, n) @ (B, n, h) then (B, 1, h) @ (B, h, n): the row-vector products are
             # the fast layout (a (B, h, n) @ (B, n, 1) product is ~10x slower on a CPU)
-            c = torch.bmm(g.unsqueeze(1), state["V_t"][h])  # (B, 1, h): v_j . g
-            Hg = torch.bmm(c, state["U_h"][h]).squeeze(1).sub_(g)  # H g = -g + sum_j (v_j . g) u_j
-            d = torch.bmm(dz.unsqueeze(1), state["U_t"][h])  # (B, 1, h): dz . u_j
-            vT = torch.bmm(d, state["V_h"][h]).squeeze(1).sub_(dz)  # dz^T H
+            U, V, Ut, Vt = self._views(state, h)
+            c = torch.bmm(g.unsqueeze(1), Vt)  # (B, 1, h): v_j . g
+            Hg = torch.bmm(c, U).squeeze(1).sub_(g)  # H g = -g + sum_j (v_j . g) u_j
+            d = torch.bmm(dz.unsqueeze(1), Ut)  # (B, 1, h): dz . u_j
+            vT = torch.bmm(d, V).squeeze(1).sub_(dz)  # dz^T H
         else:
             Hg, vT = g.neg(), dz.neg()
         # u = (dz - H dg) / (dz^T H dg), with H dg = H g + dz / s; written straight into its slot
         coef = self._inverse_or_zero(torch.linalg.vecdot(vT, dg), dz, dg).unsqueeze(-1)
-        u_slot = state["U_slot"][slot]
+        u_slot = state["U"][:, slot]
         dropped = u_slot * c[:, 0, slot:slot + 1] if count >= self.m else None  # the oldest pair leaves H
         if s == 1.0:
             torch.mul(Hg, coef.neg_(), out=u_slot)
         else:
             torch.mul(dz.mul(1.0 - 1.0 / s).sub_(Hg), coef, out=u_slot)
-        state["V_slot"][slot].copy_(vT)
+        state["V"][:, slot] = vT
         Hg_new = torch.addcmul(Hg, u_slot, torch.linalg.vecdot(vT, g).unsqueeze(-1))
         if dropped is not None:
             Hg_new.sub_(dropped)
@@ -130,16 +131,20 @@ class Broyden(Solver):
         return torch.add(z, Hg_new, alpha=-s), state
 
     def _allocate(self, z: Tensor, state: dict) -> None:
-        """The ``(B, m, n)`` buffers and the views every step uses, made once."""
         B, n = z.shape
-        m = self.m
-        U, V = z.new_empty(B, m, n), z.new_empty(B, m, n)
-        state["U"], state["V"] = U, V
-        state["U_slot"], state["V_slot"] = [U[:, i] for i in range(m)], [V[:, i] for i in range(m)]
-        state["U_h"] = [None] + [U[:, :h] for h in range(1, m + 1)]
-        state["V_h"] = [None] + [V[:, :h] for h in range(1, m + 1)]
-        state["U_t"] = [None] + [U[:, :h].transpose(1, 2) for h in range(1, m + 1)]
-        state["V_t"] = [None] + [V[:, :h].transpose(1, 2) for h in range(1, m + 1)]
+        state["U"], state["V"] = z.new_empty(B, self.m, n), z.new_empty(B, self.m, n)
+        state["full"] = None
+
+    def _views(self, state: dict, h: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``U, V`` (B, h, n) and their transposes; made once for a full memory (every step
+        from then on uses the same), on the fly before (each ``h`` is used once)."""
+        if h == self.m and state["full"] is not None:
+            return state["full"]
+        U, V = state["U"][:, :h], state["V"][:, :h]
+        views = (U, V, U.transpose(1, 2), V.transpose(1, 2))
+        if h == self.m:
+            state["full"] = views
+        return views
 
     @staticmethod
     def _inverse_or_zero(denom: Tensor, dz: Tensor, dg: Tensor) -> Tensor:
