@@ -298,6 +298,18 @@ def test_registry_and_custom_solver():
     assert get_solver("km", beta=0.3) == KrasnoselskiiMann(beta=0.3)
 
 
+def test_trace_rows_past_the_preallocated_block_are_the_residuals():
+    # the loop keeps the trace rows in a host block grown by doubling (64, 128, ...)
+    prob = P.affine(D=6, B=3, rho=0.995)
+    _, tr = solve(prob.f, prob.z0, solver="picard", tol=1e-30, max_iter=150, return_iterates=True,
+                  on_failure="ignore")
+    assert tr.n_steps == 150 and tr.abs_residual.shape == (150, 3)
+    Z = torch.stack(tr.iterates)
+    FZ = torch.stack([prob.f(z) for z in tr.iterates])
+    torch.testing.assert_close(tr.abs_residual, (FZ - Z).norm(dim=-1), rtol=1e-5, atol=0)
+    torch.testing.assert_close(tr.rel_residual, (FZ - Z).norm(dim=-1) / FZ.norm(dim=-1), rtol=1e-5, atol=0)
+
+
 # ------------------------------------------------------------------ shared pieces, two code paths
 
 
