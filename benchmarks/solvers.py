@@ -19,7 +19,10 @@ DEQ (P3, 32x16x8x8) and Anderson m=20 on a cheap elementwise map at D=4096 and D
 (B=64: the per-step temporaries of the old loop are 42 MB there). Times are CPU time of this
 thread (``time.thread_time``), so other processes on a shared machine inflate them less
 than wall-clock; medians over rounds. Evaluation counts must be equal before and after.
-TorchDEQ runs alongside when it is installed (``import torchdeq``; never a dependency).
+A second earlier commit ("previous", ``--previous``: main before the solver package) runs in
+the same rounds, and a large conv DEQ (16x32x16x16) joins the cases. TorchDEQ runs alongside
+when it is installed (``import torchdeq``; never a dependency): its evaluations are counted by
+wrapping ``f``; it stops on the whole batch's residual, deqlite on every sample's.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from deqlite import solve  # noqa: E402
 from deqlite import solvers as current_solvers  # noqa: E402
 
 BASELINE = "e19b8c4"  # main before the leaner loop (issue 14, item 3)
+PREVIOUS = "7802348"  # main before the loop was split into deqlite/solvers/ (issue 13) and leaned again
 ROOT = Path(__file__).resolve().parents[1]
 
 SOLVERS = {
@@ -175,39 +179,62 @@ def _elementwise(D: int, B: int = 64):
                      "0.5 tanh(z) + x")
 
 
-def _torchdeq_solve(f, z0, solver: str, tol: float, max_iter: int):
-    """One TorchDEQ solve of the same problem (its solvers take (B, ...) and stop on the
-    batch residual); returns its evaluation count or raises ImportError."""
+class _Counted:
+    """What ``overhead`` reads from a TorchDEQ solve: evaluations counted by wrapping ``f``."""
+
+    def __init__(self, nfe: int):
+        self.nfe = self.n_steps = nfe
+
+
+def _torchdeq_loop(f, z0, solver: str, tol: float, max_iter: int, on_failure: str = "ignore", **opts):
+    """A TorchDEQ solve with deqlite's call signature (``m`` maps to TorchDEQ's ``m``; its
+    Anderson ridge is fixed, ``lam=1e-4``); it stops on the whole batch's residual."""
     from torchdeq.solver import get_solver as td_get_solver  # optional, never a dependency
 
+    count = [0]
+
+    def fc(z):
+        count[0] += 1
+        return f(z)
+
     name = {"picard": "fixed_point_iter", "anderson": "anderson", "broyden": "broyden"}[solver]
-    z, _, info = td_get_solver(name)(f, z0, max_iter=max_iter, tol=tol, stop_mode="rel")
-    return int(info["nstep"].max()) if "nstep" in info else max_iter
+    kw = {"m": opts["m"]} if "m" in opts else {}
+    with torch.no_grad():
+        td_get_solver(name)(fc, z0, max_iter=max_iter, tol=tol, stop_mode="rel", **kw)
+    return None, _Counted(count[0])
 
 
-def overhead(rounds: int = 7, baseline: str = BASELINE, quick: bool = False) -> dict:
+def overhead(rounds: int = 7, baseline: str = BASELINE, quick: bool = False, previous: str = PREVIOUS) -> dict:
     """Loop overhead before/after (see the module docstring)."""
     torch.set_num_threads(1)
-    old = load_baseline(baseline)
-    loops = {"after": current_solvers.solve}
-    if old is not None:
-        loops = {"before": old.solve, "after": current_solvers.solve}
+    loops = {}
+    for label, commit in (("before", baseline), ("previous", previous)):
+        old = load_baseline(commit) if commit else None
+        if old is not None:
+            loops[label] = old.solve
+    loops["after"] = current_solvers.solve
     try:
         import torchdeq  # noqa: F401
         have_torchdeq = True
+        loops["torchdeq"] = _torchdeq_loop
     except ImportError:
         have_torchdeq = False
     cases = [("cheap D=64 B=8", P.tanh_layer(D=64, B=8), s, o, 1e-6, 100)
              for s, o in (("picard", {}), ("anderson", {"m": 5}), ("broyden", {}))]
     cases += [("conv 32x16x8x8", P.conv_groupnorm(B=32), s, o, 1e-6, 100)
               for s, o in (("picard", {}), ("anderson", {"m": 5}), ("broyden", {}))]
+    if not quick:
+        cases += [("large conv 16x32x16x16", P.conv_groupnorm(B=16, C=32, H=16), s, o, 1e-6, 100)
+                  for s, o in (("picard", {}), ("anderson", {"m": 5}), ("broyden", {}))]
     sizes = (1024, 2048) if quick else (4096, 8192)
     cases += [(f"elementwise D={D} B=64", _elementwise(D), "anderson", {"m": 20}, 1e-30, 30) for D in sizes]
     rows = []
     for name, prob, solver, opts, tol, max_iter in cases:
-        res = {k: {"ratio": [], "us_per_step": [], "seconds": [], "nfe": None} for k in loops}
+        labels = [k for k in loops if not (k == "torchdeq" and "elementwise" in name)]
+        res = {k: {"ratio": [], "us_per_step": [], "seconds": [], "nfe": None} for k in labels}
         for r in range(rounds + 1):  # round 0 warms up
-            for label, loop in loops.items():
+            for label in labels:
+                loop = loops[label]
                 with torch.no_grad():
                     t_f = _cpu_time(lambda: prob.f(prob.z0), repeats=9)
                 box = {}
@@ -228,7 +255,7 @@ def overhead(rounds: int = 7, baseline: str = BASELINE, quick: bool = False) -> 
                 res[label]["us_per_step"].append((sec - tr.nfe * t_f) / tr.n_steps * 1e6)
                 res[label]["seconds"].append(sec)
         row = {"case": name, "solver": solver, "options": opts, "tol": tol, "max_iter": max_iter}
-        for label in loops:
+        for label in labels:
             v = res[label]
             row[label] = {"nfe": v["nfe"], "overhead": statistics.median(v["ratio"]),
                           "bookkeeping_us_per_step": statistics.median(v["us_per_step"]),
@@ -237,17 +264,17 @@ def overhead(rounds: int = 7, baseline: str = BASELINE, quick: bool = False) -> 
             row["same_nfe"] = row["before"]["nfe"] == row["after"]["nfe"]
             row["bookkeeping_after_over_before"] = (row["after"]["bookkeeping_us_per_step"]
                                                     / row["before"]["bookkeeping_us_per_step"])
-        if have_torchdeq and "elementwise" not in name:
-            try:
-                row["torchdeq_nfe"] = _torchdeq_solve(prob.f, prob.z0, solver, tol, max_iter)
-            except Exception as e:  # report, do not hide
-                row["torchdeq_error"] = repr(e)
+        if "previous" in row:
+            row["same_nfe_as_previous"] = row["previous"]["nfe"] == row["after"]["nfe"]
+            row["bookkeeping_after_over_previous"] = (row["after"]["bookkeeping_us_per_step"]
+                                                      / row["previous"]["bookkeeping_us_per_step"])
         rows.append(row)
         print(f"{name:24s} {solver:9s}" + "".join(
             f" | {lab}: nfe {row[lab]['nfe']:3d} overhead {row[lab]['overhead']:6.2f} "
-            f"bookkeeping {row[lab]['bookkeeping_us_per_step']:8.1f} us/step" for lab in loops), flush=True)
+            f"bookkeeping {row[lab]['bookkeeping_us_per_step']:8.1f} us/step" for lab in labels), flush=True)
     big = [r for r in rows if r["case"].startswith("elementwise")]
-    scaling = {lab: big[1][lab]["seconds"] / big[0][lab]["seconds"] for lab in loops} if len(big) == 2 else {}
+    scaling = ({lab: big[1][lab]["seconds"] / big[0][lab]["seconds"] for lab in loops if lab in big[0]}
+               if len(big) == 2 else {})
     targets = {}
     for r in rows:
         if r["case"].startswith("conv"):
@@ -257,7 +284,8 @@ def overhead(rounds: int = 7, baseline: str = BASELINE, quick: bool = False) -> 
         if r["case"].startswith("cheap") and "before" in r:
             targets[f"cheap/{r['solver']}: bookkeeping halved"] = {
                 "value": r["bookkeeping_after_over_before"], "met": r["bookkeeping_after_over_before"] <= 0.5}
-    return {"baseline": baseline if old is not None else None, "rounds": rounds,
+    return {"baseline": baseline if "before" in loops else None,
+            "previous": previous if "previous" in loops else None, "rounds": rounds,
             "timer": "time.thread_time (CPU time of this thread), medians", "torchdeq": have_torchdeq,
             "rows": rows, "time_ratio_2x_D": scaling, "targets": targets}
 
@@ -268,6 +296,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     ap.add_argument("--overhead-only", action="store_true", help="only the before/after loop overhead")
     ap.add_argument("--baseline", default=BASELINE, help="commit whose solve loop is 'before'")
+    ap.add_argument("--previous", default=PREVIOUS, help="a second earlier commit ('previous'; '' for none)")
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds of the overhead section")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -277,7 +306,7 @@ def main() -> None:
     else:
         res = run(args.quick)
     res["overhead"] = overhead(rounds=2 if args.quick else args.rounds, baseline=args.baseline,
-                               quick=args.quick)
+                               quick=args.quick, previous=args.previous)
     res["meta"]["total_s"] = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))

@@ -1,5 +1,4 @@
 """The solve loop and every solver: known answers, traces, errors, properties."""
-import math
 import warnings
 
 import pytest
@@ -9,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 import deqlite
 
 from deqlite import problems as P
-from deqlite.solvers import (Anderson, Broyden, ConvergenceError, KrasnoselskiiMann, Newton, Picard,
+from deqlite.solvers import (Anderson, Broyden, ConvergenceError, KrasnoselskiiMann, Picard,
                              Solver, available_solvers, get_solver, register_solver, solve)
 
 # from the registry: a newly registered solver is tested here without editing a list
@@ -239,16 +238,16 @@ def test_unknown_option_names_valid_ones():
 
 
 @pytest.mark.parametrize("kwargs, msg", [
-    (dict(tol=0), "tol must be a positive"),
-    (dict(tol=-1e-3), "tol must be a positive"),
-    (dict(tol=float("nan")), "tol must be a positive"),
+    (dict(tol=0), r"tol must be a finite number in \(0.0, inf\)"),
+    (dict(tol=-1e-3), r"tol must be a finite number in \(0.0, inf\)"),
+    (dict(tol=float("nan")), r"tol must be a finite number in \(0.0, inf\)"),
     (dict(max_iter=0), "max_iter must be an integer >= 1"),
     (dict(max_iter=2.5), "max_iter must be an integer >= 1"),
     (dict(solver="anderson", m=0), r"m must be an integer >= 1"),
-    (dict(solver="anderson", beta=1.5), r"beta must be in \(0.0, 1.0\]"),
-    (dict(solver="km", beta=0.0), r"beta must be in \(0.0, 1.0\]"),
+    (dict(solver="anderson", beta=1.5), r"beta must be a finite number in \(0.0, 1.0\]"),
+    (dict(solver="km", beta=0.0), r"beta must be a finite number in \(0.0, 1.0\]"),
     (dict(solver="anderson", ridge=-1.0), "ridge must be"),
-    (dict(stop="relative"), "stop must be 'abs' or 'rel'"),
+    (dict(stop="relative"), "stop must be one of 'abs', 'rel'; got 'relative'"),
     (dict(on_failure="explode"), "on_failure must be"),
 ])
 def test_bad_arguments(kwargs, msg):
@@ -297,6 +296,84 @@ def test_registry_and_custom_solver():
         deqlite.solvers.SOLVERS.pop("halfstep_test")
     assert isinstance(get_solver(Picard), Picard)
     assert get_solver("km", beta=0.3) == KrasnoselskiiMann(beta=0.3)
+
+
+def test_trace_rows_past_the_preallocated_block_are_the_residuals():
+    # the loop keeps the trace rows in a host block grown by doubling (64, 128, ...)
+    prob = P.affine(D=6, B=3, rho=0.995)
+    _, tr = solve(prob.f, prob.z0, solver="picard", tol=1e-30, max_iter=150, return_iterates=True,
+                  on_failure="ignore")
+    assert tr.n_steps == 150 and tr.abs_residual.shape == (150, 3)
+    Z = torch.stack(tr.iterates)
+    FZ = torch.stack([prob.f(z) for z in tr.iterates])
+    torch.testing.assert_close(tr.abs_residual, (FZ - Z).norm(dim=-1), rtol=1e-5, atol=0)
+    torch.testing.assert_close(tr.rel_residual, (FZ - Z).norm(dim=-1) / FZ.norm(dim=-1), rtol=1e-5, atol=0)
+
+
+# ------------------------------------------------------------------ shared pieces, two code paths
+
+
+def _run_steps(solver, f, z, n, grad):
+    """``n`` steps of ``solver`` by hand (with or without autograd), returning the iterates."""
+    out = []
+    with torch.set_grad_enabled(grad):
+        state = solver.init(z)
+        for _ in range(n):
+            fz = f(z)
+            z, state = solver.step(f, z, fz, state)
+            out.append(z.detach())
+    return out
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["ring", "autograd"])
+@pytest.mark.parametrize("beta", [1.0, 0.6])
+def test_anderson_history_is_shared_with_the_neural_solver(grad, beta):
+    # one history class: a HyperSolver whose mixer is the least-squares choice is Anderson
+    from deqlite.hyper import HyperSolver, LeastSquaresMixer
+    from deqlite.solvers.anderson import AndersonHistory
+
+    p = P.expansive_tanh(D=24, B=3, averaged=True, dtype=torch.float64)
+    a, h = Anderson(m=4, beta=beta), HyperSolver(mixer=LeastSquaresMixer(beta=beta), m=3)  # 4 iterates each
+    assert isinstance(a.init(p.z0), AndersonHistory) and isinstance(h.init(p.z0), AndersonHistory)
+    za, zh = _run_steps(a, p.f, p.z0, 12, grad), _run_steps(h, p.f, p.z0, 12, grad)  # the ring wraps twice
+    for x, y in zip(za, zh):
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-12)
+    # and through the loop: the same evaluation count and iterates (the weights come from two
+    # LAPACK calls, numpy's and torch's, so rounding differences grow over 60 steps)
+    kw = dict(tol=1e-10, max_iter=60, return_iterates=True, on_failure="ignore")
+    _, ta = solve(p.f, p.z0, solver=a, **kw)
+    _, th = solve(p.f, p.z0, solver=h, **kw)
+    assert ta.nfe == th.nfe
+    for x, y in zip(ta.iterates, th.iterates):
+        torch.testing.assert_close(y, x, rtol=1e-8, atol=1e-8)
+
+
+def test_anderson_ring_and_autograd_paths_agree():
+    p = P.expansive_tanh(D=16, B=4, averaged=True, dtype=torch.float64)
+    for m in (1, 2, 5):
+        ring, stacked = (_run_steps(Anderson(m=m), p.f, p.z0, 10, g) for g in (False, True))
+        for x, y in zip(ring, stacked):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [1, 3, 100])
+@pytest.mark.parametrize("step_size", [1.0, 0.7])
+def test_broyden_two_applications_equal_three(m, step_size):
+    # without autograd Broyden applies its low-rank inverse twice per step (H dg from the last
+    # step, the new H g by one rank-one term); with autograd the textbook three times
+    p = P.expansive_tanh(D=16, B=4, averaged=False, dtype=torch.float64)
+    b = Broyden(m=m, step_size=step_size)
+    lean, textbook = (_run_steps(b, p.f, p.z0, 12, g) for g in (False, True))
+    for k, (x, y) in enumerate(zip(lean, textbook)):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9, msg=f"step {k}")
+
+
+def test_broyden_old_alpha_is_refused_with_the_new_name():
+    with pytest.raises(TypeError, match="step_size"):
+        Broyden(alpha=0.5)
+    with pytest.raises(TypeError, match=r"use Broyden\(step_size=0.5\)"):
+        get_solver("broyden", alpha=0.5)
+    assert Broyden(step_size=0.5).step_size == 0.5 and "step_size" in Broyden.options()
 
 
 # ------------------------------------------------------------------ properties

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_int, check_number
+from ..solvers.anderson import least_squares_weights
 
 __all__ = ["ALPHA_MODES", "LOSS_WEIGHTS", "normalize_alpha", "anderson_weights", "loss_weights",
            "MLPInitializer", "ConvInitializer", "LeastSquaresMixer", "HyperAndersonNet"]
@@ -46,25 +47,13 @@ def anderson_weights(G: Tensor, ridge: float = 1e-4, scale_ridge: bool = True,
                      gram: Optional[Tensor] = None) -> Tensor:
     """Least-squares Anderson weights (Eq. 2): ``argmin ||G^T alpha||`` s.t. ``sum alpha = 1``.
 
-    ``G`` is ``(B, T, n)`` (one residual per row); returns ``(B, T)`` in ``G``'s dtype. Solves
-    the bordered system with the ridge scaled to the residual size, exactly as
-    :class:`deqlite.solvers.Anderson` does. ``gram`` (``G G^T``, ``(B, T, T)``) skips its
+    ``G`` is ``(B, T, n)`` (one residual per row); returns ``(B, T)`` in ``G``'s dtype, from
+    :func:`deqlite.solvers.anderson.least_squares_weights`, the solve
+    :class:`deqlite.solvers.Anderson` uses. ``gram`` (``G G^T``, ``(B, T, T)``) skips its
     recomputation.
     """
-    B, T, _ = G.shape
     H = (torch.bmm(G, G.transpose(1, 2)) if gram is None else gram).double()  # (B, T, T) Gram matrix
-    diag = torch.diagonal(H, dim1=1, dim2=2)
-    if scale_ridge:
-        lam = ridge * diag.mean(-1).clamp_min(torch.finfo(torch.float64).tiny)
-    else:
-        lam = torch.full_like(diag[:, 0], ridge)
-    A = H.new_zeros(B, T + 1, T + 1)
-    A[:, 0, 1:] = 1.0
-    A[:, 1:, 0] = 1.0
-    A[:, 1:, 1:] = H + lam[:, None, None] * torch.eye(T, dtype=H.dtype, device=H.device)
-    rhs = H.new_zeros(B, T + 1)
-    rhs[:, 0] = 1.0
-    return torch.linalg.solve(A, rhs)[:, 1:].to(G.dtype)
+    return least_squares_weights(H, ridge, scale_ridge).to(G.dtype)
 
 
 def loss_weights(K: int, kind: str = "increasing") -> Tensor:

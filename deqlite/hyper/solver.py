@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_int
 from ..solvers import Solver, register_solver
+from ..solvers.anderson import AndersonHistory
 from ..training import count_params
 from .nets import ALPHA_MODES, ConvInitializer, HyperAndersonNet, LeastSquaresMixer, MLPInitializer, normalize_alpha
 
@@ -143,61 +144,37 @@ class HyperSolver(Solver):
         return x.new_zeros((x.shape[0],) + shape, dtype=dtype)
 
     # -- the Solver protocol -----------------------------------------------------------
-    def init(self, z0: Tensor) -> Dict[str, Any]:
-        return {"X": [], "G": [], "k": 0}
+    def init(self, z0: Tensor) -> AndersonHistory:
+        return AndersonHistory(self.m + 1)  # the last m + 1 iterates
 
-    def mix(self, z: Tensor, fz: Tensor, state: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Any], Dict[str, Tensor]]:
+    def mix(self, z: Tensor, fz: Tensor, state: AndersonHistory) -> Tuple[Tensor, AndersonHistory, Dict[str, Tensor]]:
         """One HyperAnderson update (Alg. 2, lines 4-6) on flattened ``(B, n)`` states.
 
-        With ``g_i = f(z_i) - z_i`` the update ``beta sum alpha_i f(z_i) + (1 - beta) sum alpha_i z_i``
-        is computed as ``sum alpha_i z_i + beta sum alpha_i g_i``, so only iterates and residuals
-        are stored. Under autograd the history is a list (oldest first); without it (inside
-        :func:`deqlite.solve`) a ring buffer written in place, and the mixer gets the
-        chronological ``order`` of its rows instead of a reordered copy.
+        The history is :class:`deqlite.solvers.anderson.AndersonHistory`, the one
+        :class:`~deqlite.solvers.Anderson` keeps (a ring buffer inside :func:`deqlite.solve`,
+        re-stacked oldest first under autograd); only the weights differ: the mixer chooses
+        them from the residuals ``G`` (storage order, with the chronological ``order`` of its
+        rows and ``gram = G G^T``). The update
+        ``beta sum alpha_i f(z_i) + (1 - beta) sum alpha_i z_i`` is computed as
+        ``sum alpha_i f(z_i) - (1 - beta) sum alpha_i g_i``.
 
-        Returns ``z_next``, the new state and ``{"alpha": (B, T), "beta": (B,), "G_alpha":
+        Returns ``z_next``, the history and ``{"alpha": (B, T), "beta": (B,), "G_alpha":
         (B, n)}`` (``G_alpha = sum_i alpha_i g_i``, the residual Anderson minimises), with
         ``alpha`` oldest first.
         """
-        k, T = state["k"], min(state["k"] + 1, self.m + 1)  # T = m_k + 1
-        g = fz - z
-        order: Optional[Tensor] = None
-        if torch.is_grad_enabled():
-            X = (state["X"] + [z])[-(self.m + 1):]
-            Gl = (state["G"] + [g])[-(self.m + 1):]
-            Xh, Gh = torch.stack(X, 1), torch.stack(Gl, 1)  # (B, T, n), oldest first
-            gram = torch.bmm(Gh, Gh.transpose(1, 2))  # (B, T, T)
-            new_state = {"X": X, "G": Gl, "k": k + 1}
-        else:
-            if not isinstance(state["X"], Tensor):  # first step: allocate the ring buffers
-                B, n = z.shape
-                state = {"X": z.new_empty(B, self.m + 1, n), "G": z.new_empty(B, self.m + 1, n),
-                         "H": z.new_zeros(B, self.m + 1, self.m + 1), "k": k}
-            slot = k % (self.m + 1)
-            state["X"][:, slot] = z
-            state["G"][:, slot] = g
-            Xh, Gh = state["X"][:, :T], state["G"][:, :T]  # (B, T, n), storage order
-            # update the Gram matrix by one row and column: O(T n), not O(T^2 n) (and a
-            # multiply-sum beats bmm on many tiny matrices on a CPU)
-            row = (Gh * g[:, None, :]).sum(-1)  # (B, T)
-            H = state["H"]
-            H[:, slot, :T] = row
-            H[:, :T, slot] = row
-            gram = H[:, :T, :T]
-            if k >= self.m + 1:  # the buffer has wrapped: rows slot+1, ..., slot are oldest..newest
-                order = (torch.arange(1, T + 1, device=z.device) + slot) % T
-            new_state = {"X": state["X"], "G": state["G"], "H": H, "k": k + 1}
-        alpha_hat, beta = self.mixer(Gh, order=order, gram=gram)
+        state.push(fz, fz - z)
+        Fh, Gh = state.rows()  # (B, T, n), T = m_k + 1
+        order = state.order()
+        alpha_hat, beta = self.mixer(Gh, order=order, gram=state.gram(z.dtype))
         if alpha_hat.shape != Gh.shape[:2] or beta.shape != Gh.shape[:1]:
             raise ValueError(f"the mixer must return alpha_hat {tuple(Gh.shape[:2])} and beta "
                              f"{tuple(Gh.shape[:1])}, got {tuple(alpha_hat.shape)} and {tuple(beta.shape)}")
         alpha = normalize_alpha(alpha_hat, self.alpha_mode)  # (B, T); normalising ignores order
-        mixed_z = torch.bmm(alpha.unsqueeze(1), Xh).squeeze(1)  # (B, n)
-        mixed_g = torch.bmm(alpha.unsqueeze(1), Gh).squeeze(1)
-        z_next = mixed_z + beta[:, None] * mixed_g
+        mixed_g = state.combine(alpha, Gh)
+        z_next = state.combine(alpha, Fh) - (1.0 - beta)[:, None] * mixed_g
         if order is not None:
             alpha = alpha[:, order]
-        return z_next, new_state, {"alpha": alpha, "beta": beta, "G_alpha": mixed_g}
+        return z_next, state, {"alpha": alpha, "beta": beta, "G_alpha": mixed_g}
 
     def step(self, f, z, fz, state):
         z_next, state, _ = self.mix(z, fz, state)
