@@ -305,9 +305,9 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
 
 
 def budget_times(f: Callable[[Tensor], Tensor], z0: Tensor, solver: Any, max_nfe: int, *,
-                 repeats: int = 3, init: Optional[Callable[[], Tensor]] = None) -> List[float]:
+                 repeats: int = 3, start: Optional[Callable[[], Tensor]] = None) -> List[float]:
     """Wall-clock seconds until each budget ``1..max_nfe`` of one solve (median of ``repeats``
-    runs after a warm-up), read from per-step timestamps. ``init()`` (e.g. the hypersolver's
+    runs after a warm-up), read from per-step timestamps. ``start()`` (e.g. the hypersolver's
     initializer) is timed too and replaces ``z0``."""
     check_int("max_nfe", max_nfe)
     check_int("repeats", repeats)
@@ -316,8 +316,8 @@ def budget_times(f: Callable[[Tensor], Tensor], z0: Tensor, solver: Any, max_nfe
         stamps: List[float] = []
         t0 = time.perf_counter()
         with torch.no_grad():
-            start = init() if init is not None else z0
-        solve(f, start, solver=solver, tol=1e-30, max_iter=max_nfe, on_failure="ignore",
+            z_first = start() if start is not None else z0
+        solve(f, z_first, solver=solver, tol=1e-30, max_iter=max_nfe, on_failure="ignore",
               callback=lambda info: stamps.append(time.perf_counter() - t0))
         if r:
             runs.append(stamps)

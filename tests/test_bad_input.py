@@ -125,6 +125,7 @@ add("solver/anderson/ridge0-singular-ok", lambda: solve(lambda z: 0.5 * z + 1, t
 
 # ------------------------------------------------------------------ registry
 add("registry/non-solver", lambda: deqlite.register_solver("x")(int), Err(TypeError, "expects a Solver subclass"))
+add("registry/old-init-hook", lambda: deqlite.register_solver("old_hook")(type("OldHook", (deqlite.Solver,), {"init": lambda self, z0: None})), Err(TypeError, "now called setup(z0)"))
 add("registry/get-unknown", lambda: deqlite.get_solver("nope"), Err(ValueError, "registered solvers"))
 add("registry/hyper-without-import", lambda: "hyper" in deqlite.available_solvers(), Ok(lambda r: r))
 add("registry/hyper-solves", lambda: solve(cos, Z(1, 2).double(), solver="hyper", tol=1e-8, max_iter=100)[1].status, Ok(lambda s: s == "converged"))

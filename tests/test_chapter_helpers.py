@@ -240,3 +240,18 @@ def test_stacked_deq_layer_fixed_point_is_the_stack():
         stacked_deq_layer(f1, None, 4)
     with pytest.raises(ValueError, match=r"\(B, d1 \+ d2\)"):
         F(torch.zeros(5, 4, dtype=torch.float64), x)
+
+
+def test_budget_times_are_increasing_and_time_the_start():
+    from deqlite import race as R
+
+    p = R.slow_tanh()
+    calls = []
+
+    def start():
+        calls.append(1)
+        return p.z0.clone()
+
+    t = R.budget_times(p.f, p.z0, "anderson", 6, repeats=2, start=start)
+    assert len(t) == 6 and all(b >= a > 0 for a, b in zip(t, t[1:]))
+    assert len(calls) == 3  # a warm-up and two timed runs, each from start()

@@ -47,7 +47,7 @@ def test_one_step_matches_anderson_step_directly():
     f = lambda z: torch.tanh(0.5 * z + 1.0)  # noqa: E731
     z = torch.randn(3, 8, generator=g, dtype=torch.float64)
     a, h = Anderson(m=4), HyperSolver(m=3)
-    sa, sh = a.init(z), h.init(z)
+    sa, sh = a.setup(z), h.setup(z)
     for _ in range(6):
         fz = f(z)
         za, sa = a.step(f, z, fz, sa)

@@ -317,7 +317,7 @@ def _run_steps(solver, f, z, n, grad):
     """``n`` steps of ``solver`` by hand (with or without autograd), returning the iterates."""
     out = []
     with torch.set_grad_enabled(grad):
-        state = solver.init(z)
+        state = solver.setup(z)
         for _ in range(n):
             fz = f(z)
             z, state = solver.step(f, z, fz, state)
@@ -334,7 +334,7 @@ def test_anderson_history_is_shared_with_the_neural_solver(grad, beta):
 
     p = P.expansive_tanh(D=24, B=3, averaged=True, dtype=torch.float64)
     a, h = Anderson(m=4, beta=beta), HyperSolver(mixer=LeastSquaresMixer(beta=beta), m=3)  # 4 iterates each
-    assert isinstance(a.init(p.z0), AndersonHistory) and isinstance(h.init(p.z0), AndersonHistory)
+    assert isinstance(a.setup(p.z0), AndersonHistory) and isinstance(h.setup(p.z0), AndersonHistory)
     za, zh = _run_steps(a, p.f, p.z0, 12, grad), _run_steps(h, p.f, p.z0, 12, grad)  # the ring wraps twice
     for x, y in zip(za, zh):
         torch.testing.assert_close(y, x, rtol=0, atol=1e-12)

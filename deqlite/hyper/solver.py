@@ -144,7 +144,7 @@ class HyperSolver(Solver):
         return x.new_zeros((x.shape[0],) + shape, dtype=dtype)
 
     # -- the Solver protocol -----------------------------------------------------------
-    def init(self, z0: Tensor) -> AndersonHistory:
+    def setup(self, z0: Tensor) -> AndersonHistory:
         return AndersonHistory(self.m + 1)  # the last m + 1 iterates
 
     def mix(self, z: Tensor, fz: Tensor, state: AndersonHistory) -> Tuple[Tensor, AndersonHistory, Dict[str, Tensor]]:

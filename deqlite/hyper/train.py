@@ -33,7 +33,7 @@ def unroll(hyper: HyperSolver, f: Callable[[Tensor], Tensor], z0: Tensor, K: int
     B = z0.shape[0]
     shape = z0.shape
     z = z0.reshape(B, -1)
-    state = hyper.init(z)
+    state = hyper.setup(z)
     out: Dict[str, List[Tensor]] = {"z": [], "G_alpha": [], "alpha": [], "beta": [], "residual": []}
     for _ in range(K):
         fz = f(z.view(shape)).reshape(B, -1)

@@ -262,7 +262,7 @@ class Anderson(Solver):
         check_number("beta", self.beta, 0.0, 1.0, low_open=True)
         check_number("ridge", self.ridge, 0.0)
 
-    def init(self, z0):
+    def setup(self, z0):
         return AndersonHistory(self.m)
 
     def step(self, f, z, fz, state):

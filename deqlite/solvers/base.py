@@ -37,7 +37,8 @@ class ConvergenceError(RuntimeError):
 class Solver:
     """Base class. A solver proposes ``z_{k+1}`` from ``z_k`` and ``f(z_k)``.
 
-    Subclasses implement ``init(z0) -> state`` and ``step(f, z, fz, state) -> (z_next, state)``.
+    Subclasses implement ``setup(z0) -> state`` (the per-solve memory, e.g. a history; default
+    ``None``) and ``step(f, z, fz, state) -> (z_next, state)``.
     States and iterates inside ``step`` are flattened to ``(B, n)``; ``f`` also takes and
     returns ``(B, n)`` there.
     """
@@ -47,7 +48,7 @@ class Solver:
     # options that were renamed: old name -> new name (refused with a message naming the new one)
     renamed_options: ClassVar[Dict[str, str]] = {}
 
-    def init(self, z0: Tensor) -> Any:
+    def setup(self, z0: Tensor) -> Any:
         return None
 
     def step(self, f: Callable[[Tensor], Tensor], z: Tensor, fz: Tensor, state: Any) -> Tuple[Tensor, Any]:
@@ -80,6 +81,9 @@ def register_solver(name: str) -> Callable[[Type[Solver]], Type[Solver]]:
     def wrap(cls: Type[Solver]) -> Type[Solver]:
         if not (isinstance(cls, type) and issubclass(cls, Solver)):
             raise TypeError(f"register_solver expects a Solver subclass, got {cls!r}")
+        if "init" in vars(cls):
+            raise TypeError(f"{cls.__name__} defines init(z0): the hook is now called setup(z0) "
+                            f"(it returns the solver's per-solve state); rename the method")
         SOLVERS[name] = cls
         cls.name = name
         return cls

@@ -49,7 +49,7 @@ class Broyden(Solver):
         object.__setattr__(self, "m", check_int("m", m))
         object.__setattr__(self, "step_size", check_number("step_size", step_size, 0.0, 1.0, low_open=True))
 
-    def init(self, z0):
+    def setup(self, z0):
         return {"U": None, "V": None, "z": None, "g": None, "count": 0}
 
     @staticmethod

@@ -258,7 +258,7 @@ def solve(
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         # -- set up
         z = z0.detach().reshape(B, -1).clone()
-        state = slv.init(z)
+        state = slv.setup(z)
         rec = _Records(z, tol, stop == "rel", max_iter)
         norm_g, norm_f = rec.norm_g, rec.norm_f
         best_z = z

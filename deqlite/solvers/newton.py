@@ -28,7 +28,7 @@ class Newton(Solver):
     def __post_init__(self):
         check_int("max_dim", self.max_dim)
 
-    def init(self, z0):
+    def setup(self, z0):
         if z0.shape[1] > self.max_dim:
             raise ValueError(
                 f"newton builds the full ({z0.shape[1]} x {z0.shape[1]}) Jacobian per sample; "
