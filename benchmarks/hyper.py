@@ -67,7 +67,7 @@ def run_setting(width: int, gain: float, seed: int, *, epochs: int, steps: int, 
         z_init = hyper.initial_state(Xte)
     zero = torch.zeros(len(Xte), width)
     starts = {"picard": ("picard", zero), "anderson": ("anderson", zero), "neural": (hyper, z_init)}
-    curves = {n: budget_curve(fx, z0, s, max_nfe, z_star=z_star, readout=model.head, labels=yte, m=m + 1)
+    curves = {n: budget_curve(fx, z0, s, max_nfe, z_star=z_star, readout=model.head, labels=yte, m=m)
               if n == "anderson" else budget_curve(fx, z0, s, max_nfe, z_star=z_star, readout=model.head, labels=yte)
               for n, (s, z0) in starts.items()}
     out: Dict[str, Any] = {
@@ -75,7 +75,7 @@ def run_setting(width: int, gain: float, seed: int, *, epochs: int, steps: int, 
         "deq_parameters": count_parameters(model), "solver_parameters": hyper.num_parameters(),
         "solver_share": hyper.num_parameters() / count_parameters(model),
         "deq_train_seconds": fit.seconds, "solver_train_seconds": log.seconds,
-        "fixed_points_seconds": t_fixed, "anderson_memory": m + 1, "solver_train_steps": log.steps,
+        "fixed_points_seconds": t_fixed, "anderson_memory": m, "solver_train_steps": log.steps,
         "training_cost_ratio": (log.seconds + t_fixed) / fit.seconds,
         "z_star_worst_rel_residual": max(worst, worst_train), "converged_accuracy": acc_star,
         "curves": curves, "targets": {},
@@ -88,7 +88,7 @@ def run_setting(width: int, gain: float, seed: int, *, epochs: int, steps: int, 
 
             def run_anderson(k=nfe["anderson"]):
                 with torch.no_grad():
-                    solve(fx, zero, solver="anderson", m=m + 1, tol=1e-30, max_iter=k, on_failure="ignore")
+                    solve(fx, zero, solver="anderson", m=m, tol=1e-30, max_iter=k, on_failure="ignore")
 
             def run_neural(k=nfe["neural"]):
                 with torch.no_grad():
@@ -160,7 +160,7 @@ def main() -> None:
         "python": platform.python_version(), "quick": q, "settings": [],
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
-    chapter = dict(epochs=2 if q else 3, steps=20 if q else 150, K=10, m=5, init_hidden=5,
+    chapter = dict(epochs=2 if q else 3, steps=20 if q else 150, K=10, m=6, init_hidden=5,
                    max_nfe=40, repeats=2 if q else 7)
     if args.chapter_only:
         if not args.chapter_width:

@@ -119,7 +119,7 @@ def start_floor(width, seed, ranks=(4, 8, 16, 32, 64), epochs=3, max_nfe=60):
                 starts=starts)
 
 
-def neural_on_lowrank(seed, width=256, rank=6, h=4, lr=1e-3, epochs=3, steps=150, K=10, m=5, max_nfe=60):
+def neural_on_lowrank(seed, width=256, rank=6, h=4, lr=1e-3, epochs=3, steps=150, K=10, m=6, max_nfe=60):
     """The library's neural solver on a low-rank, nearly linear DEQ (see the module docstring)."""
     Xtr, ytr, Xte, yte = load_digits_tensors(seed=seed)
     model = build(width, 0.99, rank, 0.05, seed)
@@ -136,7 +136,7 @@ def neural_on_lowrank(seed, width=256, rank=6, h=4, lr=1e-3, epochs=3, steps=150
                             init_lr=1e-2, init_batch_size=256, seed=seed)
     with torch.no_grad():
         z_init = neural.initial_state(Xte)
-    anderson, zero = Anderson(m=m + 1), torch.zeros_like(z_star)
+    anderson, zero = Anderson(m=m), torch.zeros_like(z_star)
     runs = {"anderson": (anderson, zero), "neural": (neural, z_init), "anderson_from_learned_start": (anderson, z_init)}
     curves = {k: budget_curve(f_test, z0, s, max_nfe, readout=model.head, labels=yte) for k, (s, z0) in runs.items()}
     nfe = {k: matched_nfe(c["rel_residual"], 1e-3, 0.0, higher_is_better=False) for k, c in curves.items()}

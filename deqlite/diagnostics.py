@@ -32,8 +32,7 @@ def _check_batched(f: object, z: object, n_iter: object, name: str) -> None:
         # an unbatched (D,) state would be read as D samples of one entry each: a wrong answer
         raise ValueError(f"{name}: z has shape {tuple(z.shape)} but states are batched as (B, ...) "
                          f"with B >= 1; for a single state use z.unsqueeze(0)")
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 2:
-        raise ValueError(f"{name}: n_iter must be an integer >= 2, got {n_iter!r}")
+    check_int(f"{name}: n_iter", n_iter, lo=2)
 
 
 def _jvp(f_flat, z: Tensor, v: Tensor) -> Tensor:

@@ -34,7 +34,7 @@ def test_least_squares_mixer_reproduces_anderson(beta, memory):
     p = tanh_layer(D=32, B=6, rho=0.95, dtype=torch.float64)
     kw = dict(tol=1e-30, max_iter=12, return_iterates=True, on_failure="ignore")
     _, ta = solve(p.f, p.z0, solver=Anderson(m=memory, beta=beta), **kw)
-    hyper = HyperSolver(mixer=LeastSquaresMixer(beta=beta), m=memory - 1)  # m + 1 iterates mixed
+    hyper = HyperSolver(mixer=LeastSquaresMixer(beta=beta), m=memory)  # the same m: iterates mixed
     _, th = solve(p.f, p.z0, solver=hyper, **kw)
     assert th.solver == "hyper"
     assert len(ta.iterates) == len(th.iterates) == 12
@@ -46,7 +46,7 @@ def test_one_step_matches_anderson_step_directly():
     g = torch.Generator().manual_seed(1)
     f = lambda z: torch.tanh(0.5 * z + 1.0)  # noqa: E731
     z = torch.randn(3, 8, generator=g, dtype=torch.float64)
-    a, h = Anderson(m=4), HyperSolver(m=3)
+    a, h = Anderson(m=4), HyperSolver(m=4)  # the same m: iterates mixed
     sa, sh = a.setup(z), h.setup(z)
     for _ in range(6):
         fz = f(z)
@@ -94,7 +94,7 @@ def test_learned_weights_sum_to_one_during_a_solve(mode):
     with torch.no_grad():
         run = unroll(hyper, lambda z: f(z, x), hyper.initial_state(x), K=7)
     lengths = [a.shape[1] for a in run["alpha"]]
-    assert lengths == [1, 2, 3, 4, 4, 4, 4]  # m_k + 1 = min(m, k) + 1
+    assert lengths == [1, 2, 3, 3, 3, 3, 3]  # min(m, k + 1) iterates at step k, m = 3
     for alpha in run["alpha"]:
         torch.testing.assert_close(alpha.sum(-1), torch.ones(5), rtol=0, atol=1e-5)
     for beta in run["beta"]:

@@ -333,7 +333,7 @@ def test_anderson_history_is_shared_with_the_neural_solver(grad, beta):
     from deqlite.solvers.anderson import AndersonHistory
 
     p = P.expansive_tanh(D=24, B=3, averaged=True, dtype=torch.float64)
-    a, h = Anderson(m=4, beta=beta), HyperSolver(mixer=LeastSquaresMixer(beta=beta), m=3)  # 4 iterates each
+    a, h = Anderson(m=4, beta=beta), HyperSolver(mixer=LeastSquaresMixer(beta=beta), m=4)  # the same m: 4 iterates each
     assert isinstance(a.setup(p.z0), AndersonHistory) and isinstance(h.setup(p.z0), AndersonHistory)
     za, zh = _run_steps(a, p.f, p.z0, 12, grad), _run_steps(h, p.f, p.z0, 12, grad)  # the ring wraps twice
     for x, y in zip(za, zh):

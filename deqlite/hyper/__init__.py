@@ -6,11 +6,11 @@ can learn to solve *this* ``f`` faster than a generic method. The solver has two
 
 * an **initializer** ``z0 = h_phi(x)`` (Sec. 4.1, Eq. 3): a shallow layer + ReLU +
   projection that guesses the fixed point from the input;
-* **HyperAnderson iterations** (Alg. 2): keep the last ``m + 1`` iterates ``z_i``, their
+* **HyperAnderson iterations** (Alg. 2): keep the last ``m`` iterates ``z_i``, their
   images ``f(z_i)`` and residuals ``g_i = f(z_i) - z_i``; compress each residual (Eq. 4:
   global pooling over the spatial dimensions of a ``(B, C, H, W)`` state, a small linear
   projection for a flat ``(B, D)`` state); a 2-layer temporal convolution over this short
-  history predicts ``alpha_hat`` (``m_k + 1`` weights) and ``beta``; then::
+  history predicts ``alpha_hat`` (one weight per iterate kept) and ``beta``; then::
 
       alpha  = alpha_hat + (1 - sum(alpha_hat)) / (m_k + 1)        # sums to one, may be < 0
       z_next = beta * sum_i alpha_i f(z_i) + (1 - beta) * sum_i alpha_i z_i

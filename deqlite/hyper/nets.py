@@ -141,7 +141,7 @@ class ConvInitializer(nn.Module):
 
 class LeastSquaresMixer(nn.Module):
     """Anderson's own weights as a mixer: ``alpha_hat`` = least-squares weights (Eq. 2),
-    ``beta`` constant. With it, :class:`HyperSolver` *is* Anderson with memory ``m + 1``
+    ``beta`` constant. With it, :class:`HyperSolver` *is* Anderson with the same memory ``m``
     (the "shift" normalisation leaves weights that already sum to one unchanged). It is the
     default mixer, so ``solve(f, z0, solver="hyper")`` works without training."""
 
@@ -162,7 +162,8 @@ class HyperAndersonNet(nn.Module):
     """The network ``s_xi`` of Alg. 2: compressed residual history -> ``(alpha_hat, beta)``.
 
     Args:
-        m: memory; the history holds up to ``m + 1`` residuals.
+        m: memory: the history holds up to ``m`` residuals, the iterates that are mixed (as in
+            :class:`deqlite.solvers.Anderson`; the paper's memory is ``m - 1``).
         state_dim: ``n`` for a flat ``(B, n)`` state: each residual is compressed by a learned
             linear projection ``n -> compress_dim``.
         channels: ``C`` for a ``(B, C, H, W)`` state: each residual is compressed by global
@@ -176,12 +177,12 @@ class HyperAndersonNet(nn.Module):
             untrained solver takes a damped plain step (use ~4 with ``alpha_mode="softmax"``).
         beta_init: ``beta`` at initialisation.
 
-    Features per history slot (oldest first, left-padded with zeros to ``m + 1``): the
+    Features per history slot (oldest first, left-padded with zeros to ``m``): the
     compressed residual divided by the largest compressed norm in the window, the log of
-    ``||g_i|| / max_j ||g_j||`` and a 0/1 slot-is-filled mask: ``(B, features, m + 1)``.
+    ``||g_i|| / max_j ||g_j||`` and a 0/1 slot-is-filled mask: ``(B, features, m)``.
     """
 
-    def __init__(self, m: int = 5, *, state_dim: Optional[int] = None, channels: Optional[int] = None,
+    def __init__(self, m: int = 6, *, state_dim: Optional[int] = None, channels: Optional[int] = None,
                  compress_dim: int = 8, hidden: int = 16, kernel_size: int = 3, beta_max: float = 1.0,
                  last_weight_init: float = 1.0, beta_init: float = 0.9, gram: bool = False):
         super().__init__()
@@ -208,13 +209,13 @@ class HyperAndersonNet(nn.Module):
             self.compress = None
             c = channels
         pad = kernel_size // 2
-        n_feat = c + 2 + (m + 1 if gram else 0)
+        n_feat = c + 2 + (m if gram else 0)
         self.conv1 = nn.Conv1d(n_feat, hidden, kernel_size, padding=pad)
         self.conv2 = nn.Conv1d(hidden, 2, kernel_size, padding=pad)
         with torch.no_grad():  # start near "alpha = newest, beta = beta_init"
             self.conv2.weight.mul_(0.1)
             self.conv2.bias.zero_()
-        prior = torch.zeros(m + 1)
+        prior = torch.zeros(m)
         prior[-1] = last_weight_init
         self.alpha_bias = nn.Parameter(prior)
         p = beta_init / beta_max
@@ -238,13 +239,13 @@ class HyperAndersonNet(nn.Module):
 
     def forward(self, G: Tensor, order: Optional[Tensor] = None,
                 gram: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """``G``: ``(B, T, n)`` residuals, ``1 <= T <= m + 1``; ``order`` ``(T,)`` lists its rows
+        """``G``: ``(B, T, n)`` residuals, ``1 <= T <= m``; ``order`` ``(T,)`` lists its rows
         oldest to newest (``None``: they already are); ``gram`` ``(B, T, T)``: ``G G^T`` if the
         caller has it. Returns ``alpha_hat`` ``(B, T)`` for the rows of ``G`` and ``beta``
         ``(B,)``, in ``G``'s dtype."""
         B, T, n = G.shape
-        if not 1 <= T <= self.m + 1:
-            raise ValueError(f"history length {T} outside 1..m+1 = 1..{self.m + 1}")
+        if not 1 <= T <= self.m:
+            raise ValueError(f"history length {T} outside 1..m = 1..{self.m}")
         c = self.compressed(G)  # (B, T, c)
         dt = c.dtype
         tiny = torch.finfo(dt).tiny
@@ -259,16 +260,16 @@ class HyperAndersonNet(nn.Module):
         logr = (0.5 * torch.log(sq / top)).clamp_min(-30.0)  # log(||g_i|| / max_j ||g_j||)
         parts = [c, logr.unsqueeze(-1), torch.ones_like(logr).unsqueeze(-1)]
         if self.gram:  # <g_i, g_j> / max ||g||^2: what Anderson's least squares looks at (Eq. 2)
-            parts.append(F.pad(gram / top[:, :, None], (self.m + 1 - T, 0)))  # (B, T, m+1)
+            parts.append(F.pad(gram / top[:, :, None], (self.m - T, 0)))  # (B, T, m)
         feats = torch.cat(parts, -1)  # (B, T, features), rows of G
         if order is not None:  # per-row features are computed in storage order; now sort them
             feats = feats[:, order]
             if self.gram:
-                n_g = self.m + 1
+                n_g = self.m
                 gram_cols = feats[:, :, -n_g:][:, :, n_g - T:]  # (B, T, T), columns in storage order
                 feats = torch.cat([feats[:, :, :-n_g], F.pad(gram_cols[:, :, order], (n_g - T, 0))], -1)
-        feats = F.pad(feats.transpose(1, 2), (self.m + 1 - T, 0))  # (B, features, m+1), left-padded
-        h = self.conv2(torch.relu(self.conv1(feats)))  # (B, 2, m+1)
+        feats = F.pad(feats.transpose(1, 2), (self.m - T, 0))  # (B, features, m), left-padded
+        h = self.conv2(torch.relu(self.conv1(feats)))  # (B, 2, m)
         alpha_hat = h[:, 0, -T:] + self.alpha_bias[-T:]  # (B, T), oldest first
         beta = self.beta_max * torch.sigmoid(h[:, 1, -T:].mean(-1) + self.beta_bias)  # (B,)
         if order is not None:  # back to the rows of G

@@ -33,7 +33,9 @@ class HyperSolver(Solver):
             ``order`` ``(T,)`` (``None``: as stored), with ``gram = G G^T``; a trained
             :class:`HyperAndersonNet`, or
             :class:`LeastSquaresMixer` (the default: Anderson).
-        m: memory; the last ``m + 1`` iterates are mixed (the net's ``m`` must match).
+        m: memory: the number of iterates mixed, as in :class:`deqlite.solvers.Anderson`
+            (the net's ``m`` must match). The default 6 is the paper's memory 5: Alg. 2
+            counts the past iterates, ``m_k = min(m - 1, k)``, and mixes ``m_k + 1``.
         alpha_mode: ``"shift"`` (the paper), ``"softmax"`` or ``"none"``; see :func:`normalize_alpha`.
         initializer: ``h_phi``, ``x -> z0`` (applied by :meth:`initial_state`, outside the solve,
             because the solve loop never sees ``x``); ``None`` starts from zeros.
@@ -49,7 +51,7 @@ class HyperSolver(Solver):
     """
 
     mixer: nn.Module = field(default_factory=LeastSquaresMixer)
-    m: int = 5
+    m: int = 6
     alpha_mode: str = "shift"
     initializer: Optional[nn.Module] = None
     state_shape: Optional[Tuple[int, ...]] = None
@@ -77,7 +79,7 @@ class HyperSolver(Solver):
     # -- construction ---------------------------------------------------------------
     @classmethod
     def build(cls, *, state_dim: Optional[int] = None, channels: Optional[int] = None,
-              input_dim: Optional[int] = None, input_channels: Optional[int] = None, m: int = 5,
+              input_dim: Optional[int] = None, input_channels: Optional[int] = None, m: int = 6,
               alpha_mode: str = "shift", use_initializer: bool = True, init_hidden: int = 8,
               compress_dim: int = 8, hidden: int = 16, beta_max: float = 1.0, gram: bool = False, seed: int = 0,
               state_shape: Optional[Sequence[int]] = None) -> "HyperSolver":
@@ -145,7 +147,7 @@ class HyperSolver(Solver):
 
     # -- the Solver protocol -----------------------------------------------------------
     def setup(self, z0: Tensor) -> AndersonHistory:
-        return AndersonHistory(self.m + 1)  # the last m + 1 iterates
+        return AndersonHistory(self.m)  # the last m iterates
 
     def mix(self, z: Tensor, fz: Tensor, state: AndersonHistory) -> Tuple[Tensor, AndersonHistory, Dict[str, Tensor]]:
         """One HyperAnderson update (Alg. 2, lines 4-6) on flattened ``(B, n)`` states.
