@@ -140,8 +140,12 @@ class DeqliteApiDirective(SphinxDirective):
                 f".. automodule:: {name}",
                 "   :members:",
                 "   :show-inheritance:",
-                "",
             ]
+            if spec is not None and spec.submodule_search_locations is not None:
+                # a package: its __all__ re-exports names documented in their own modules;
+                # documenting them twice would make every reference to them ambiguous
+                lines.append("   :ignore-module-all:")
+            lines.append("")
         if not lines:
             return [nodes.paragraph(text="deqlite has no public modules yet.")]
         node = nodes.section()

@@ -78,15 +78,15 @@ class DeltaLayer:
 
     @property
     def settings(self) -> DeltaConfig:
-        """The config in force for the next call: the one the innermost enclosing
+        """The config in force for the next call. It is the one the innermost enclosing
         :func:`~deqlite.delta.delta_mode` bound to this layer, else ``self.config``."""
         return active_configs().get(self, self.config)
 
     # -- public controls ------------------------------------------------------------------
     @property
     def active_threshold(self) -> float:
-        """The threshold of the next call: the settings' ``train_threshold`` in training mode,
-        ``threshold`` in eval mode."""
+        """The threshold of the next call, the settings' ``train_threshold`` in training mode
+        and ``threshold`` in eval mode."""
         return self.settings.for_training(self.training)  # type: ignore[attr-defined]
 
     def reset(self) -> None:

@@ -236,7 +236,7 @@ def solve(
     :class:`deqlite.DEQ`.
 
     Each step: evaluate ``f`` once, compute the residual ``g = f(z) - z`` and both norms
-    (into one buffer), record them on the host (:class:`_Records`: best iterate,
+    (into one buffer), record them on the host (``_Records``: best iterate,
     divergence, stopping, one host sync), then let the solver propose the next iterate.
 
     Example:
