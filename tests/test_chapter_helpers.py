@@ -255,3 +255,14 @@ def test_budget_times_are_increasing_and_time_the_start():
     t = R.budget_times(p.f, p.z0, "anderson", 6, repeats=2, start=start)
     assert len(t) == 6 and all(b >= a > 0 for a, b in zip(t, t[1:]))
     assert len(calls) == 3  # a warm-up and two timed runs, each from start()
+
+
+def test_load_record_finds_the_repository_file_from_below_and_none_outside(tmp_path):
+    from deqlite.viz import load_record
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text('{"a": 1}')
+    deep = tmp_path / "book" / "sub"
+    deep.mkdir(parents=True)
+    assert load_record("benchmarks/results/r.json", start=deep) == {"a": 1}
+    assert load_record("benchmarks/results/r.json", start=tmp_path.parent / "elsewhere") is None

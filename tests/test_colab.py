@@ -78,8 +78,10 @@ path, out, probe = sys.argv[1], sys.argv[2], sys.argv[3]
 nb = nbformat.read(path, as_version=4)
 nb.cells.append(nbformat.v4.new_code_cell(open(probe).read()))
 start = time.perf_counter()
+# the kernel starts in this script's working directory, outside the repository, as a Colab
+# kernel starts in /content: a chapter cannot lean on files of the checkout
 NotebookClient(nb, timeout=600, kernel_name="python3",
-               resources={"metadata": {"path": str(__import__("pathlib").Path(path).parent)}}).execute()
+               resources={"metadata": {"path": str(__import__("pathlib").Path.cwd())}}).execute()
 elapsed = time.perf_counter() - start
 stderr, widgets, probe_out = [], 0, None
 for i, cell in enumerate(nb.cells):

@@ -15,7 +15,7 @@ This subpackage imports plotly (and ipywidgets, only when a live widget is made)
 ``import deqlite`` alone imports neither.
 """
 
-from .book import glue
+from .book import glue, load_record
 from .explorer import LIVE_ENV, Explorer, explore, want_live
 from .figures import convergence_animation, iterate_figure, residual_figure
 from .theme import TEMPLATE_NAME, make_template, register, use_as_default
@@ -30,6 +30,7 @@ __all__ = [
     "explore",
     "glue",
     "iterate_figure",
+    "load_record",
     "make_template",
     "register",
     "residual_figure",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import Any, Optional
 
 
 def _plain(value: Any) -> Any:
@@ -36,3 +38,19 @@ def glue(name: str, value: Any, display: bool = False) -> Any:
         return value
     _glue(name, value, display=display)
     return value
+
+
+def load_record(relpath: str, start: Optional[Path] = None) -> Optional[Any]:
+    """The JSON file ``relpath`` of the repository (e.g. ``"benchmarks/results/hyper.json"``),
+    looked up from ``start`` (default: the working directory) and its parents, parsed;
+    ``None`` when the chapter runs outside a checkout (Colab, a downloaded notebook), so a
+    chapter can show a recorded benchmark where it exists and say so where it does not.
+
+    >>> load_record("no/such/record.json") is None
+    True
+    """
+    here = Path.cwd() if start is None else Path(start)
+    for d in (here, *here.parents):
+        if (d / relpath).is_file():
+            return json.loads((d / relpath).read_text(encoding="utf-8"))
+    return None
