@@ -2,6 +2,7 @@
 import warnings
 
 import pytest
+import numpy as np
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -112,6 +113,38 @@ def test_per_sample_stopping_keeps_best_iterate():
         k = int(tr.best_step[b])
         torch.testing.assert_close(z[b], tr.iterates[k][b])
         assert tr.residual[k, b] == tr.residual[:, b].min()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_best_iterate_is_exact_when_residuals_go_up_and_down(dtype):
+    """The best iterate is blended in with torch.lerp and 0/1 weights: it must be exactly the
+    iterate at best_step, with residuals that rise and fall per sample."""
+    g = torch.Generator().manual_seed(3)
+    W = (torch.randn(16, 16, generator=g, dtype=torch.float64) * 0.6).to(dtype)  # not a contraction
+    x = torch.randn(5, 16, generator=g, dtype=torch.float64).to(dtype)
+    z, tr = solve(lambda z: torch.tanh(z @ W.T + x), torch.zeros(5, 16, dtype=dtype), solver="picard",
+                  tol=1e-30, max_iter=40, return_iterates=True, on_failure="ignore")
+    steps = tr.best_step.tolist()
+    assert len(set(steps)) > 1 and min(steps) < 39, "some sample's best is an earlier iterate"
+    for b in range(5):
+        assert torch.equal(z[b], tr.iterates[steps[b]][b])
+        assert tr.residual[steps[b], b] == tr.residual[:, b].min()
+
+
+def test_best_iterate_blend_falls_back_to_where_near_the_dtype_range():
+    """Near finfo.max, z - best overflows and lerp would return NaN: once a norm reaches
+    finfo.max / 8 the loop's records choose with torch.where instead."""
+    from deqlite.solvers.loop import _Records
+
+    z = torch.tensor([[3e38, -3e38], [1.0, 2.0]])
+    best = torch.tensor([[-3e38, 3e38], [5.0, 6.0]])
+    better = np.array([True, False])
+    rec = _Records(z, 1e-3, True, 10)
+    assert torch.isnan(rec.blend(better, z, best)).any(), "plain lerp overflows here"
+    rec.norm_buf.copy_(torch.tensor([[4.3e37, 1.0], [1.0, 1.0]]))  # a norm at finfo.max / 8
+    rec.record(0)
+    assert rec.large
+    assert torch.equal(rec.blend(better, z, best), torch.tensor([[3e38, -3e38], [5.0, 6.0]]))
 
 
 def test_abs_stop():
