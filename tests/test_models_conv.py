@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from deqlite.data import load_digits_tensors
-from deqlite.delta import DeltaConv2d
+from deqlite.delta import DeltaConv2d, delta_mode
 from deqlite.models.conv import ConvDEQ, evaluate_conv_delta, fit_conv_deq
 
 
@@ -45,6 +45,11 @@ def test_conv_deq_delta_counts_per_layer():
         assert layer["patch_reduction"] <= layer["reduction"]  # whole patches skip less
     assert big.reduction_vs(dense, patch=True) <= big.reduction_vs(dense) < 1
     assert big.reduction_vs(dense) > zero.reduction_vs(dense)
+    # the dense baseline stays dense inside someone else's delta block
+    with delta_mode(net, 0.3):
+        inside = evaluate_conv_delta(net, x, y, None)
+    assert inside.performed_macs == inside.dense_macs == dense.dense_macs
+    assert inside.iterations == dense.iterations and inside.accuracy == dense.accuracy
 
 
 def test_conv_deq_errors():

@@ -182,13 +182,9 @@ def evaluate_conv_delta(model: ConvDEQ, x: Tensor, y: Tensor, threshold: float |
     """Classify ``x`` once (no gradients) with the delta rule at ``threshold`` (None: dense)
     and count the MACs of the iteration per layer."""
     model.eval()
-    with torch.no_grad():
-        if threshold is None:
-            reset_all(model)
-            logits, _, trace = model(x, solver=solver, tol=tol, max_iter=max_iter)
-        else:
-            with delta_mode(model, threshold, memory=memory):
-                logits, _, trace = model(x, solver=solver, tol=tol, max_iter=max_iter)
+    # threshold None: dense, recording MACs the same way, even inside someone else's delta block
+    with torch.no_grad(), delta_mode(model, threshold, memory=memory):
+        logits, _, trace = model(x, solver=solver, tol=tol, max_iter=max_iter)
     s = mac_summary(model)
     per_layer = {}
     for name, layer in (("conv1", model.conv1), ("conv2", model.conv2)):
